@@ -1,0 +1,160 @@
+"""The ``evomerge`` command line: argument parsing and printing only.
+
+Every verb is a few lines over a public library function of the same name. Errors a
+user can cause are :class:`~evomerge.errors.EvomergeError`: printed as one line on
+stderr, exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from evomerge import __version__
+from evomerge.errors import EvomergeError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- merge
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge models as a mergekit-compatible recipe says",
+        description="Merge the models a mergekit-compatible recipe names and write a "
+        "Hugging Face model folder (safetensors, config, tokenizer, recipe, model card).",
+    )
+    p.add_argument("recipe", type=Path, help="recipe YAML (mergekit format)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
+    p.add_argument("--device", default="cpu", help="device to merge on: cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow reading pickle checkpoints (.bin/.pt); they can run code, so off by default",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    p.set_defaults(handler=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from evomerge.merge import merge
+
+    summary = merge(
+        args.recipe,
+        args.out,
+        device=args.device,
+        allow_pickle=args.allow_pickle,
+        overwrite=args.overwrite,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"merged {summary['n_tensors']} tensors with {summary['merge_method']} "
+            f"in {summary['seconds']:.2f} s -> {summary['out']}"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark and print its table (or JSON)",
+        description="Benchmarks print ratios measured in the same run.",
+    )
+    bsub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+
+    m = bsub.add_parser(
+        "merge",
+        help="time merge_into per method against the memory-traffic floor",
+        description="Time MergeEngine.merge_into for each merge method on a synthetic "
+        "Llama model with 3 fine-tuned sources, next to the time to copy the bytes the "
+        "merge must read and write (the floor). Prints seconds, floor and ratio.",
+    )
+    m.add_argument("--params", type=float, default=110e6, help="model size in parameters (default: 1.1e8)")
+    m.add_argument("--sources", type=int, default=3, help="fine-tuned sources besides the base (default: 3)")
+    m.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the median is kept (default: 3)")
+    m.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    m.add_argument("--workdir", type=Path, default=None, help="where to build the models (default: a temp folder)")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(handler=_run_bench_merge)
+
+
+def _run_bench_merge(args: argparse.Namespace) -> int:
+    from evomerge.bench.merge import bench_merge, format_table
+
+    methods = args.methods.split(",") if args.methods else None
+    result = bench_merge(
+        n_params=int(args.params),
+        n_sources=args.sources,
+        repeats=args.repeats,
+        methods=methods,
+        threads=args.threads,
+        workdir=args.workdir,
+        progress=not args.json,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the demo: build the offline zoo and merge it",
+        description="Build (or reuse) a small offline model family and merge it with "
+        "a mergekit-compatible recipe, then load the result with transformers.",
+    )
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from evomerge.demo import demo
+
+    demo(runs_dir=args.runs_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evomerge",
+        description="Search the best way to merge fine-tuned models.",
+    )
+    parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in _VERBS:
+        add(sub)
+    return parser
+
+
+_VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_merge,
+    _add_demo,
+    _add_bench,
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except EvomergeError as exc:
+        print(f"evomerge {args.verb}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"evomerge {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

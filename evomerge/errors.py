@@ -1,0 +1,34 @@
+"""The EvomergeError family.
+
+Every error a user can cause (a bad path, a malformed file, an impossible setting)
+is raised as an :class:`EvomergeError` whose message is one line naming what is
+wrong and where. The CLI prints that line and exits with code 2; anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class EvomergeError(Exception):
+    """Base class: a problem with the user's input, reported in one line."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:  # one line, whatever the message carried
+        return " ".join(super().__str__().split())
+
+
+class ConfigError(EvomergeError):
+    """A YAML file (recipe, run config, evaluator, search space) is malformed or invalid."""
+
+
+class SourceError(EvomergeError):
+    """A source model is missing, unreadable, unsafe or incompatible with the others."""
+
+
+class MergeError(EvomergeError):
+    """A merge cannot be carried out with the given recipe and sources."""
+
+
+class EvaluationError(EvomergeError):
+    """An evaluator cannot be built or run."""

@@ -1,0 +1,41 @@
+"""Merging: recipes, merge methods and the engine, plus the ``merge`` verb."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from evomerge.merge.engine import MergeEngine
+from evomerge.merge.recipe import Recipe
+
+__all__ = ["MergeEngine", "Recipe", "merge"]
+
+
+def merge(
+    recipe: str | Path | Recipe,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Merge the models a recipe names into a Hugging Face folder at ``out``.
+
+    Everything is checked (recipe, sources, output folder) before any tensor is
+    merged; the folder appears complete or not at all.
+
+    Example:
+        >>> merge("recipe.yaml", "merged")   # doctest: +SKIP
+        {'out': 'merged', 'merge_method': 'ties', 'n_tensors': 20, ...}
+    """
+    from evomerge.export import check_output_folder
+
+    base_dir = None
+    if not isinstance(recipe, Recipe):
+        base_dir = Path(recipe).resolve().parent
+        recipe = Recipe.from_yaml(Path(recipe))
+    check_output_folder(Path(out), overwrite)
+    # No trust_remote_code is ever needed here: configs are read as JSON, weights as safetensors.
+    engine = MergeEngine.from_recipe(recipe, allow_pickle=allow_pickle, base_dir=base_dir, device=device)
+    return engine.write(recipe, Path(out), overwrite=overwrite, progress=progress)

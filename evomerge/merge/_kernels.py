@@ -1,0 +1,115 @@
+"""Fused element-wise kernels for large tensors.
+
+Merging is memory-bound: run eagerly, TIES makes a dozen passes over every tensor.
+``torch.compile`` fuses the same pure functions from :mod:`evomerge.merge.methods`
+into one pass, which brings large tensors to within a small factor of the time to
+copy their bytes. Small tensors stay eager (compiling them costs more than it saves),
+and if compilation is unavailable (no C++ compiler, an unsupported platform) the
+eager path is used with a one-time warning. ``EVOMERGE_COMPILE=0`` turns it off,
+``=1`` forces it for every tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from evomerge.merge import methods as M
+
+COMPILE_MIN_NUMEL = 1 << 20
+_SPARSIFY_KINDS = (None, "magnitude", "outliers", "random", "della")
+
+
+def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Keep mask from per-tensor statistics, written so torch.compile can fuse it.
+
+    magnitude: aux = (threshold,); outliers: (low, high); random: (draws int16, cut);
+    della: (draws int16, rank_norm, low_prob, span). A keep-all setting is expressed
+    by thresholds (-inf, cut 32768) rather than by branching, so one compiled kernel
+    serves every density.
+    """
+    if kind is None:
+        return None
+    if kind == "magnitude":
+        return d.abs() >= aux[0]
+    if kind == "outliers":
+        a = d.abs()
+        return (a >= aux[0]) & (a <= aux[1])
+    if kind == "random":
+        # int32 compare: the keep-all cut (32768) does not fit the int16 draws
+        return aux[0].to(torch.int32) < aux[1]
+    if kind == "della":
+        u = (aux[0].to(d.dtype) + (32768.5)) * (1.0 / M.UNIFORM_LEVELS)
+        return u < aux[2] + aux[1] * aux[3]
+    raise ValueError(kind)
+
+
+def task_vector_kernel(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    aux: list[list[torch.Tensor]],
+    weights: list[torch.Tensor],
+    scales: Optional[list[torch.Tensor]],
+    lam: torch.Tensor,
+    kind: Optional[str],
+    consensus: bool,
+    normalize: bool,
+) -> torch.Tensor:
+    zero = torch.zeros((), dtype=base.dtype)
+    terms = []
+    for i, d in enumerate(deltas):
+        m = _mask(kind, d, aux[i])
+        x = d if m is None else torch.where(m, d, zero)
+        if scales is not None:
+            x = x * scales[i]
+        terms.append(x * weights[i])
+    return M.merge_terms(base, terms, weights, consensus=consensus, normalize=normalize, lam=lam)
+
+
+def masked_l1_kernel(d: torch.Tensor, aux: list[torch.Tensor], kind: Optional[str]) -> torch.Tensor:
+    m = _mask(kind, d, aux)
+    a = d.abs()
+    return (a if m is None else torch.where(m, a, torch.zeros((), dtype=d.dtype))).sum(dtype=torch.float64)
+
+
+def linear_kernel(tensors: list[torch.Tensor], weights: list[torch.Tensor], total: torch.Tensor, normalize: bool) -> torch.Tensor:
+    result = tensors[0].to(torch.float32) * weights[0]
+    for x, w in zip(tensors[1:], weights[1:]):
+        result = result + x.to(torch.float32) * w
+    return result / total if normalize else result
+
+
+class Kernels:
+    """Picks eager or compiled versions of the kernels for each call."""
+
+    def __init__(self, mode: Optional[bool] = None):
+        env = os.environ.get("EVOMERGE_COMPILE")
+        if mode is None and env is not None:
+            mode = {"0": False, "1": True}.get(env.strip(), None)
+        self.force = mode is True
+        self.enabled = mode is not False
+        self._failed = False
+
+    def _use_compiled(self, numel: int) -> bool:
+        if not self.enabled or self._failed:
+            return False
+        return self.force or numel >= COMPILE_MIN_NUMEL
+
+    def run(self, fn: Callable[..., Any], numel: int, *args: Any) -> Any:
+        if self._use_compiled(numel):
+            compiled = _compiled(fn)
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
+                self._failed = True
+                warnings.warn(f"evomerge: torch.compile unavailable ({type(exc).__name__}); merging eagerly", stacklevel=2)
+        return fn(*args)
+
+
+@lru_cache(maxsize=None)
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=True, fullgraph=False)

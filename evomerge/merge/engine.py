@@ -1,0 +1,501 @@
+"""MergeEngine: sources + cached task vectors -> merged tensors, in place or to disk.
+
+The engine opens each source once and caches, per tensor, what every later
+candidate needs: the task vector ``model - base``, its L1 norm, its magnitudes
+sorted (so a TIES or Breadcrumbs threshold for any density is a lookup, not a
+sort), and for the random methods the uniform draws behind DARE and DELLA masks
+(so the same seed gives the same masks, and a mask at a lower density is a subset
+of the mask at a higher one: common random numbers make the search landscape
+smooth). A candidate recipe then costs one fused pass over the weights.
+
+Example:
+    >>> recipe = Recipe.from_yaml("recipe.yaml")               # doctest: +SKIP
+    >>> engine = MergeEngine.from_recipe(recipe)                # doctest: +SKIP
+    >>> engine.merge_into(model, recipe)    # live nn.Module    # doctest: +SKIP
+    >>> engine.write(recipe, Path("out"))  # HF folder          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from evomerge.errors import MergeError, SourceError
+from evomerge.export import atomic_folder, check_output_folder, model_card
+from evomerge.merge import methods as M
+from evomerge.merge._kernels import Kernels, linear_kernel, masked_l1_kernel, task_vector_kernel
+from evomerge.merge.recipe import Recipe, parse_dtype
+from evomerge.sources import SourceModel, check_compatible, layer_index
+
+SHARD_BYTES = 5 * 1024**3
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """Everything needed to merge one tensor: its layer position and resolved parameters."""
+
+    name: str
+    t: float
+    shared: dict[str, Any]
+    inputs: tuple[str, ...]  # model refs in merge order (base excluded for task vectors)
+    per_model: dict[str, dict[str, Any]]
+
+
+class MergeEngine:
+    """Merge candidates from a fixed set of source models, fast and repeatably."""
+
+    def __init__(
+        self,
+        sources: Sequence[SourceModel],
+        *,
+        device: str = "cpu",
+        compile: Optional[bool] = None,
+    ):
+        if not sources:
+            raise MergeError("no source models given")
+        self.sources: dict[str, SourceModel] = {s.ref: s for s in sources}
+        self.names = check_compatible(list(sources))
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise MergeError("--device cuda was asked for but no CUDA device is available")
+        self.kernels = Kernels(compile)
+        self._delta: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._l1: dict[tuple[str, str, str], float] = {}
+        self._sorted: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._ranks: dict[tuple[str, str, str], torch.Tensor] = {}
+        self._draws: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+
+    @classmethod
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        *,
+        allow_pickle: bool = False,
+        base_dir: Optional[Path] = None,
+        device: str = "cpu",
+        compile: Optional[bool] = None,
+    ) -> "MergeEngine":
+        """Open and check every model a recipe names (the base first)."""
+        refs = recipe.model_refs
+        if recipe.base_model is not None:
+            refs = [recipe.base_model] + [r for r in refs if r != recipe.base_model]
+        sources = [SourceModel.open(r, allow_pickle=allow_pickle, base_dir=base_dir) for r in refs]
+        return cls(sources, device=device, compile=compile)
+
+    # ------------------------------------------------------------------ planning
+    def source(self, ref: str) -> SourceModel:
+        try:
+            return self.sources[ref]
+        except KeyError:
+            raise MergeError(f"recipe names model {ref}, which this engine was not opened with") from None
+
+    def _reference(self, recipe: Recipe) -> SourceModel:
+        return self.source(recipe.base_model if recipe.base_model is not None else recipe.models[0].model)
+
+    def plan(self, recipe: Recipe) -> list[TensorPlan]:
+        """Resolve every parameter for every tensor; all errors surface here, before merging."""
+        method = M.get_method(recipe.merge_method)
+        ref = self._reference(recipe)
+        for r in recipe.model_refs:
+            self.source(r)
+        n_layers = ref.num_layers
+        if method.kind == "task_vectors":
+            inputs = tuple(m.model for m in recipe.models if m.model != recipe.base_model)
+        elif method.kind in ("slerp",):
+            inputs = tuple(r for r in recipe.model_refs if r != recipe.base_model)
+        elif method.kind in ("nuslerp", "model_stock"):
+            inputs = tuple(m.model for m in recipe.models if m.model != recipe.base_model)
+        else:  # linear, passthrough: every model, the base too when named
+            inputs = tuple(recipe.model_refs)
+        plans = []
+        for name in self.names:
+            if not _is_float(ref.dtype(name)):
+                plans.append(TensorPlan(name, 0.0, {}, (), {}))
+                continue
+            layer = layer_index(name)
+            t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
+            shared = {p.name: self._resolve(recipe, p, name, t, None) for p in method.shared_params}
+            per_model = {
+                m: {p.name: self._resolve(recipe, p, name, t, m) for p in method.model_params} for m in inputs
+            }
+            plans.append(TensorPlan(name, t, shared, inputs, per_model))
+        return plans
+
+    @staticmethod
+    def _resolve(recipe: Recipe, spec: M.ParamSpec, tensor: str, t: float, model: Optional[str]) -> Any:
+        value = recipe.resolve(spec.name, tensor, t, model)
+        if value is None:
+            if spec.required:
+                who = f"model {model}, " if model else ""
+                raise MergeError(f"missing required parameter '{spec.name}' for {who}tensor {tensor}")
+            return spec.default
+        where = f"parameter '{spec.name}' for {'model ' + model + ', ' if model else ''}tensor {tensor}"
+        return spec.validate(value, where=where)
+
+    # ------------------------------------------------------------------ caches
+    def _raw(self, ref: str, name: str) -> torch.Tensor:
+        src = self.source(ref)
+        if name not in src._meta and name == "lm_head.weight" and src.tied_embeddings:
+            name = "model.embed_tokens.weight"
+        return src.tensor(name).to(self.device)
+
+    def _work(self, ref: str, name: str) -> torch.Tensor:
+        """A source tensor in the float32 working precision (a view when already float32)."""
+        return self._raw(ref, name).to(torch.float32)
+
+    def delta_shape(self, model: str, name: str) -> tuple[int, ...]:
+        src = self.source(model)
+        if name not in src._meta and name == "lm_head.weight" and src.tied_embeddings:
+            name = "model.embed_tokens.weight"
+        return src.shape(name)
+
+    def delta(self, base: str, model: str, name: str) -> torch.Tensor:
+        """Task vector ``model - base`` for one tensor, computed once."""
+        key = (base, model, name)
+        d = self._delta.get(key)
+        if d is None:
+            d = (self._work(model, name) - self._work(base, name)).contiguous()
+            self._delta[key] = d
+        return d
+
+    def delta_l1(self, base: str, model: str, name: str) -> float:
+        key = (base, model, name)
+        if key not in self._l1:
+            self._l1[key] = float(self.delta(base, model, name).abs().sum(dtype=torch.float64))
+        return self._l1[key]
+
+    def sorted_magnitudes(self, base: str, model: str, name: str) -> torch.Tensor:
+        """|task vector| sorted descending, computed once per tensor."""
+        key = (base, model, name)
+        s = self._sorted.get(key)
+        if s is None:
+            s = torch.sort(self.delta(base, model, name).abs().reshape(-1), descending=True).values
+            self._sorted[key] = s
+        return s
+
+    def rank_norm(self, base: str, model: str, name: str) -> torch.Tensor:
+        """Each entry's magnitude rank within its row, scaled to [0, 1] (DELLA)."""
+        key = (base, model, name)
+        r = self._ranks.get(key)
+        if r is None:
+            d = self.delta(base, model, name)
+            rows = d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(1, -1)
+            order = torch.argsort(rows.abs(), dim=1)
+            ranks = torch.empty_like(order)
+            ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
+            span = max(rows.shape[1] - 1, 1)
+            r = (ranks.to(torch.float32) / span).reshape(d.shape)
+            self._ranks[key] = r
+        return r
+
+    def draws(self, model: str, index: int, name: str, seed: int) -> torch.Tensor:
+        """Uniform int16 draws behind the random masks of one model's tensor.
+
+        Seeded by (seed, model position, tensor name), so they do not depend on the
+        model's path or on the order tensors are merged in.
+        """
+        key_seed = _stable_seed(seed, index, name)
+        hit = self._draws.get((model, name))
+        if hit is not None and hit[0] == key_seed:
+            return hit[1]
+        gen = torch.Generator(device="cpu").manual_seed(key_seed)
+        d = torch.empty(self.delta_shape(model, name), dtype=torch.int16).random_(-32768, 32768, generator=gen).to(self.device)
+        self._draws[(model, name)] = (key_seed, d)
+        return d
+
+    def clear_cache(self) -> None:
+        for cache in (self._delta, self._l1, self._sorted, self._ranks, self._draws):
+            cache.clear()
+
+    # ------------------------------------------------------------------ merging
+    def merged_tensor(self, recipe: Recipe, plan: TensorPlan) -> torch.Tensor:
+        """The merged value of one tensor in float32 (int tensors: the reference's)."""
+        method = M.get_method(recipe.merge_method)
+        ref = self._reference(recipe)
+        if not plan.inputs:
+            return self._raw(ref.ref, plan.name)
+        kind = method.kind
+        if kind == "task_vectors":
+            return self._task_vectors(recipe, method, plan)
+        if kind == "linear":
+            tensors = [self._raw(m, plan.name) for m in plan.inputs]
+            weights = [plan.per_model[m]["weight"] for m in plan.inputs]
+            total = torch.tensor(sum(weights), dtype=torch.float32)
+            w = [torch.tensor(x, dtype=torch.float32) for x in weights]
+            return self.kernels.run(linear_kernel, tensors[0].numel(), tensors, w, total, bool(plan.shared["normalize"]))
+        if kind == "slerp":
+            other = plan.inputs[0]
+            return M.slerp(plan.shared["t"], self._work(recipe.base_model, plan.name), self._work(other, plan.name))
+        if kind == "nuslerp":
+            a, b = plan.inputs
+            wa, wb = plan.per_model[a]["weight"], plan.per_model[b]["weight"]
+            total = wa + wb
+            t = 0.5 if abs(total) < 1e-6 else wb / total
+            opts = dict(row_wise=plan.shared["nuslerp_row_wise"], flatten=plan.shared["nuslerp_flatten"])
+            if recipe.base_model is not None:
+                base = recipe.base_model
+                return self._work(base, plan.name) + M.nuslerp(
+                    t, self.delta(base, a, plan.name), self.delta(base, b, plan.name), **opts
+                )
+            return M.nuslerp(t, self._work(a, plan.name), self._work(b, plan.name), **opts)
+        if kind == "model_stock":
+            return M.model_stock(
+                self._work(recipe.base_model, plan.name),
+                [self._work(m, plan.name) for m in plan.inputs],
+                filter_wise=plan.shared["filter_wise"],
+            )
+        if kind == "passthrough":
+            (only,) = plan.inputs
+            return M.passthrough(self._work(only, plan.name), plan.per_model[only]["scale"])
+        raise MergeError(f"merge method {recipe.merge_method} has no implementation")
+
+    def _task_vectors(self, recipe: Recipe, method: M.MethodSpec, plan: TensorPlan) -> torch.Tensor:
+        base_ref = recipe.base_model
+        name = plan.name
+        base = self._work(base_ref, name)
+        deltas, aux, weights, scales = [], [], [], []
+        rescale = bool(plan.shared["rescale"]) and method.sparsify is not None
+        seed = recipe.random_seed if recipe.random_seed is not None else 0
+        for index, model in enumerate(plan.inputs):
+            p = plan.per_model[model]
+            d = self.delta(base_ref, model, name)
+            a = self._mask_aux(method.sparsify, base_ref, model, index, name, p, seed)
+            deltas.append(d)
+            aux.append(a)
+            weights.append(torch.tensor(p["weight"], dtype=torch.float32))
+            if rescale:
+                scales.append(torch.tensor(self._l1_scale(method.sparsify, base_ref, model, name, a, p), dtype=torch.float32))
+        lam = torch.tensor(plan.shared["lambda"], dtype=torch.float32)
+        return self.kernels.run(
+            task_vector_kernel,
+            base.numel(),
+            base,
+            deltas,
+            aux,
+            weights,
+            scales if rescale else None,
+            lam,
+            method.sparsify,
+            method.consensus,
+            bool(plan.shared["normalize"]),
+        )
+
+    def _mask_aux(
+        self, kind: Optional[str], base: str, model: str, index: int, name: str, p: dict, seed: int
+    ) -> list[torch.Tensor]:
+        """Per-tensor statistics the fused mask needs (thresholds, draws, ranks)."""
+        f32 = dict(dtype=torch.float32)
+        density = p.get("density", 1.0)
+        if kind is None:
+            return []
+        if kind == "magnitude":
+            thr = M.magnitude_threshold(self.sorted_magnitudes(base, model, name), density)
+            return [torch.tensor(-math.inf if thr is None else thr, **f32)]
+        if kind == "outliers":
+            band = M.outlier_band(self.sorted_magnitudes(base, model, name), density, p["gamma"])
+            lo, hi = band if band is not None else (-math.inf, math.inf)
+            return [torch.tensor(lo, **f32), torch.tensor(hi, **f32)]
+        if kind == "random":
+            cut = M.random_threshold(density) if density < 1 else M.UNIFORM_LEVELS
+            return [self.draws(model, index, name, seed), torch.tensor(cut - 32768, dtype=torch.int32)]
+        if kind == "della":
+            eps = p["epsilon"]
+            if density >= 1:
+                low, span = 2.0, 0.0  # keep every entry, as mergekit does at density 1
+            elif density <= 0:
+                low, span = -1.0, 0.0
+            else:
+                M.della_probabilities(torch.zeros(()), density, eps)  # range check, one line
+                low, span = density - eps, 2 * eps
+            return [
+                self.draws(model, index, name, seed),
+                self.rank_norm(base, model, name),
+                torch.tensor(low, **f32),
+                torch.tensor(span, **f32),
+            ]
+        raise MergeError(f"unknown sparsification {kind}")
+
+    def _l1_scale(self, kind: Optional[str], base: str, model: str, name: str, aux: list, p: dict) -> float:
+        if p.get("density", 1.0) >= 1:
+            return 1.0  # mergekit leaves the vector untouched at full density
+        d = self.delta(base, model, name)
+        before = self.delta_l1(base, model, name)
+        after = float(self.kernels.run(masked_l1_kernel, d.numel(), d, aux, kind))
+        if before < 1e-7 or after < 1e-7:
+            return 1.0
+        return before / after
+
+    # ------------------------------------------------------------------ outputs
+    def merge_into(self, model: torch.nn.Module, recipe: Recipe) -> dict[str, float]:
+        """Write the merged weights into a live model, in place, with no disk I/O.
+
+        Returns timings. The model must have the sources' architecture; its
+        parameter names are the checkpoint's tensor names.
+        """
+        start = time.perf_counter()
+        plans = self.plan(recipe)
+        targets = model.state_dict(keep_vars=True)
+        for plan in plans:
+            if plan.name not in targets:
+                raise MergeError(f"the live model has no tensor named {plan.name}")
+            if tuple(targets[plan.name].shape) != self._reference(recipe).shape(plan.name):
+                raise MergeError(
+                    f"shape mismatch at tensor {plan.name}: live model has {list(targets[plan.name].shape)}, "
+                    f"sources have {list(self._reference(recipe).shape(plan.name))}"
+                )
+        with torch.no_grad():
+            for plan in plans:
+                target = targets[plan.name]
+                target.data.copy_(self.merged_tensor(recipe, plan))
+        return {"merge_seconds": time.perf_counter() - start}
+
+    def write(
+        self,
+        recipe: Recipe,
+        out: Path,
+        *,
+        overwrite: bool = False,
+        progress: bool = False,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> dict[str, Any]:
+        """Write the merged model as a Hugging Face folder, atomically.
+
+        safetensors shards, config, generation config, tokenizer (from
+        ``tokenizer_source`` or the base), ``merge_recipe.yaml`` and a model card.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        check_output_folder(out, overwrite)
+        start = time.perf_counter()
+        plans = self.plan(recipe)
+        ref = self._reference(recipe)
+        out_dtype = self._out_dtype(recipe, ref)
+        tok_src = self._tokenizer_source(recipe, ref)
+        shards = _assign_shards(
+            [(p.name, math.prod(ref.shape(p.name)) * _itemsize(out_dtype if _is_float(ref.dtype(p.name)) else ref.dtype(p.name))) for p in plans],
+            shard_bytes,
+        )
+        with atomic_folder(out, overwrite=overwrite) as tmp, _progress(progress, len(plans), f"merging {recipe.merge_method}") as advance:
+            weight_map: dict[str, str] = {}
+            total_size = 0
+            by_name = {p.name: p for p in plans}
+            for i, names in enumerate(shards):
+                fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                tensors = {}
+                for name in names:
+                    value = self.merged_tensor(recipe, by_name[name])
+                    if value.is_floating_point():
+                        value = value.to(out_dtype)
+                    tensors[name] = value.detach().to("cpu").contiguous().clone()
+                    total_size += tensors[name].numel() * tensors[name].element_size()
+                    weight_map[name] = fname
+                    advance()
+                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+                del tensors
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+                (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            config = dict(ref.config)
+            dtype_key = "torch_dtype" if "torch_dtype" in config else "dtype"
+            config[dtype_key] = str(out_dtype).removeprefix("torch.")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            gen = ref.path / "generation_config.json"
+            if gen.is_file():
+                shutil.copy2(gen, tmp / gen.name)
+            for f in tok_src.tokenizer_files():
+                shutil.copy2(f, tmp / f.name)
+            if recipe.chat_template:
+                (tmp / "chat_template.jinja").write_text(recipe.chat_template)
+            text = recipe.to_yaml()
+            (tmp / "merge_recipe.yaml").write_text(text)
+            (tmp / "README.md").write_text(
+                model_card(text, base_model=recipe.base_model, models=recipe.model_refs, title=out.name)
+            )
+        return {
+            "out": str(out),
+            "merge_method": recipe.merge_method,
+            "n_tensors": len(plans),
+            "n_shards": len(shards),
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _out_dtype(self, recipe: Recipe, ref: SourceModel) -> torch.dtype:
+        if recipe.out_dtype:
+            return parse_dtype(recipe.out_dtype)
+        if recipe.dtype:
+            return parse_dtype(recipe.dtype)
+        for name in self.names:
+            if _is_float(ref.dtype(name)):
+                return getattr(torch, ref.dtype(name))
+        return torch.float32
+
+    def _tokenizer_source(self, recipe: Recipe, ref: SourceModel) -> SourceModel:
+        ts = recipe.tokenizer_source
+        if ts in (None, "base"):
+            return ref
+        if ts in self.sources:
+            return self.sources[ts]
+        try:
+            return SourceModel.open(ts)
+        except SourceError as exc:
+            raise MergeError(f"tokenizer_source: {exc}") from None
+
+
+def _is_float(dtype: str) -> bool:
+    return dtype in ("float32", "float16", "bfloat16", "float64")
+
+
+def _itemsize(dtype: Any) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _assign_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _stable_seed(seed: int, index: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{index}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _progress:
+    """A rich progress bar over tensors, or nothing."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+        self._bar.__enter__()
+        task = self._bar.add_task(self.label, total=self.total)
+        return lambda: self._bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+        return False
