@@ -20,7 +20,7 @@ import torch
 
 from evomerge.merge import methods as M
 
-COMPILE_MIN_NUMEL = 1 << 20
+COMPILE_MIN_NUMEL = 1 << 16
 _SPARSIFY_KINDS = (None, "magnitude", "outliers", "random", "della")
 
 

@@ -126,6 +126,10 @@ class MergeEngine:
             per_model = {
                 m: {p.name: self._resolve(recipe, p, name, t, m) for p in method.model_params} for m in inputs
             }
+            if method.sparsify == "della":
+                for m, p in per_model.items():
+                    if 0 < p["density"] < 1:
+                        M.della_probabilities(torch.zeros(()), p["density"], p["epsilon"])
             plans.append(TensorPlan(name, t, shared, inputs, per_model))
         return plans
 
@@ -313,7 +317,6 @@ class MergeEngine:
             elif density <= 0:
                 low, span = -1.0, 0.0
             else:
-                M.della_probabilities(torch.zeros(()), density, eps)  # range check, one line
                 low, span = density - eps, 2 * eps
             return [
                 self.draws(model, index, name, seed),

@@ -1,0 +1,1 @@
+"""Benchmarks behind `evomerge bench ...`: each prints ratios measured in the same run."""

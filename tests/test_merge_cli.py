@@ -1,0 +1,182 @@
+"""`evomerge merge`: a good recipe gives a loadable folder; bad input gives one line, exit 2, no folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from evomerge._testing import llama_config, write_family
+from evomerge.cli import main
+
+TIES = """merge_method: ties
+base_model: {root}/base
+models:
+  - {{model: {root}/ft0, parameters: {{weight: [0.3, 0.7], density: 0.5}}}}
+  - {{model: {root}/ft1, parameters: {{weight: 0.5, density: {density}}}}}
+dtype: float32
+"""
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fam")
+    write_family(root, 2, seed=3)
+    return root
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_merge_writes_a_folder_transformers_loads(family, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    code, stdout, _ = run_cli(["merge", str(write_recipe(tmp_path, TIES.format(root=family, density=0.5))), "--out", str(out)], capsys)
+    assert code == 0 and "merged" in stdout
+    assert {"model.safetensors", "config.json", "merge_recipe.yaml", "README.md", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**tok("1+2=", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+    # the copied recipe rebuilds the same model
+    code, _, _ = run_cli(["merge", str(out / "merge_recipe.yaml"), "--out", str(tmp_path / "again")], capsys)
+    assert code == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "ties" in (out / "README.md").read_text()
+
+
+def test_sharded_sources_and_outputs(family, tmp_path):
+    """A model written in shards (with an index) reads back as a source, same tensors."""
+    from evomerge.merge import MergeEngine, Recipe
+
+    recipe = Recipe.from_yaml(TIES.format(root=family, density=0.5))
+    engine = MergeEngine.from_recipe(recipe)
+    summary = engine.write(recipe, tmp_path / "sharded", shard_bytes=20_000)
+    assert summary["n_shards"] > 1
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == summary["n_shards"]
+    engine.write(recipe, tmp_path / "single")
+    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    # merge the sharded output with itself through a passthrough: reads the index
+    p = Recipe.from_dict({"merge_method": "passthrough", "models": [{"model": str(tmp_path / "sharded")}]})
+    MergeEngine.from_recipe(p).write(p, tmp_path / "copy")
+    copy = load_file(str(tmp_path / "copy" / "model.safetensors"))
+    assert set(copy) == set(single) and all(torch.equal(copy[k], single[k]) for k in single)
+
+
+def _shape_mismatch(family: Path, tmp: Path) -> str:
+    bad = tmp / "wide"
+    write_family(bad, 1, seed=9, cfg=llama_config(hidden=48, heads=4), tokenizer=False)
+    return TIES.format(root=family, density=0.5).replace(f"{family}/ft1", f"{bad}/ft0")
+
+
+def _truncated(family: Path, tmp: Path) -> str:
+    broken = tmp / "broken"
+    shutil.copytree(family / "ft1", broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return TIES.format(root=family, density=0.5).replace(f"{family}/ft1", str(broken))
+
+
+def _pickle(family: Path, tmp: Path) -> str:
+    pk = tmp / "pickled"
+    shutil.copytree(family / "ft1", pk)
+    torch.save(load_file(str(pk / "model.safetensors")), pk / "pytorch_model.bin")
+    (pk / "model.safetensors").unlink()
+    return TIES.format(root=family, density=0.5).replace(f"{family}/ft1", str(pk))
+
+
+BAD = {
+    "missing path": (lambda f, t: TIES.format(root=f, density=0.5).replace(f"{f}/ft1", f"{f}/nope"), "model not found: "),
+    "mismatched shapes": (_shape_mismatch, "shape mismatch at tensor lm_head.weight"),
+    "unknown method": (lambda f, t: TIES.format(root=f, density=0.5).replace("ties", "tiez"), "unknown merge method 'tiez'"),
+    "density outside [0,1]": (lambda f, t: TIES.format(root=f, density=1.5), "density: 1.5 is outside [0, 1]"),
+    "empty model list": (lambda f, t: f"merge_method: linear\nmodels: []\n", "the model list is empty"),
+    "malformed YAML": (lambda f, t: "merge_method: ties\nmodels: [ {model: a\n", "malformed YAML at line"),
+    "truncated safetensors": (_truncated, "not a readable safetensors file"),
+    "pickle without flag": (_pickle, "pickle checkpoint refused"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2_no_output(case, family, tmp_path, capsys):
+    make, expected = BAD[case]
+    recipe = write_recipe(tmp_path, make(family, tmp_path))
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(["merge", str(recipe), "--out", str(out)], capsys)
+    assert code == 2
+    assert expected in stderr
+    if case == "mismatched shapes":
+        assert "has [48, 32]" in stderr and "has [48, 48]" in stderr  # both shapes
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folder either
+
+
+def test_pickle_with_flag_merges_like_safetensors(family, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, _pickle(family, tmp_path))
+    code, _, err = run_cli(["merge", str(recipe), "--out", str(tmp_path / "p"), "--allow-pickle"], capsys)
+    assert code == 0, err
+    code, _, _ = run_cli(["merge", str(write_recipe(tmp_path, TIES.format(root=family, density=0.5))), "--out", str(tmp_path / "s")], capsys)
+    a, b = load_file(str(tmp_path / "p" / "model.safetensors")), load_file(str(tmp_path / "s" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(family, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    recipe = write_recipe(tmp_path, TIES.format(root=family, density=0.5))
+    code, _, err = run_cli(["merge", str(recipe), "--out", str(out)], capsys)
+    assert code == 2 and "is not empty" in err and (out / "keep.txt").exists()
+    code, _, _ = run_cli(["merge", str(recipe), "--out", str(out), "--overwrite"], capsys)
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_interrupted_write_leaves_nothing(family, tmp_path, monkeypatch):
+    from evomerge.merge import MergeEngine, Recipe
+
+    recipe = Recipe.from_yaml(TIES.format(root=family, density=0.5))
+    engine = MergeEngine.from_recipe(recipe)
+    calls = {"n": 0}
+    real = engine.merged_tensor
+
+    def flaky(r, plan):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(r, plan)
+
+    monkeypatch.setattr(engine, "merged_tensor", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        engine.write(recipe, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_exit_code(family, tmp_path):
+    recipe = write_recipe(tmp_path, TIES.format(root=family, density=-0.2))
+    exe = Path(sys.executable).parent / "evomerge"
+    proc = subprocess.run([str(exe), "merge", str(recipe), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"evomerge merge: error: {recipe}: models[1].parameters.density: -0.2 is outside [0, 1]"
+    ]
