@@ -27,10 +27,11 @@ _SPARSIFY_KINDS = (None, "magnitude", "outliers", "random", "della")
 def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """Keep mask from per-tensor statistics, written so torch.compile can fuse it.
 
-    magnitude: aux = (threshold,); outliers: (low, high); random: (draws int16, cut);
-    della: (draws int16, rank_norm, low_prob, span). A keep-all setting is expressed
-    by thresholds (-inf, cut 32768) rather than by branching, so one compiled kernel
-    serves every density.
+    magnitude: aux = (threshold,); outliers: (low, high); random: (draws, cut);
+    della: (draws, rank_norm, low_prob, span). Draws are uint8 pairs (high, low byte)
+    of a uniform 16-bit integer: inductor vectorizes uint8 -> float32 but not int16.
+    A keep-all setting is expressed by thresholds (-inf, cut 65536) rather than by
+    branching, so one compiled kernel serves every density.
     """
     if kind is None:
         return None
@@ -40,12 +41,16 @@ def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor]) -> 
         a = d.abs()
         return (a >= aux[0]) & (a <= aux[1])
     if kind == "random":
-        # int32 compare: the keep-all cut (32768) does not fit the int16 draws
-        return aux[0].to(torch.int32) < aux[1]
+        return _draws(aux[0]) < aux[1]
     if kind == "della":
-        u = (aux[0].to(d.dtype) + (32768.5)) * (1.0 / M.UNIFORM_LEVELS)
+        u = (_draws(aux[0]) + 0.5) * (1.0 / M.UNIFORM_LEVELS)
         return u < aux[2] + aux[1] * aux[3]
     raise ValueError(kind)
+
+
+def _draws(pair: torch.Tensor) -> torch.Tensor:
+    """Uniform integers in [0, 65536) as float32 (exact) from a [2, ...] uint8 tensor."""
+    return pair[0].to(torch.float32) * 256.0 + pair[1].to(torch.float32)
 
 
 def task_vector_kernel(
@@ -70,10 +75,15 @@ def task_vector_kernel(
     return M.merge_terms(base, terms, weights, consensus=consensus, normalize=normalize, lam=lam)
 
 
-def masked_l1_kernel(d: torch.Tensor, aux: list[torch.Tensor], kind: Optional[str]) -> torch.Tensor:
-    m = _mask(kind, d, aux)
-    a = d.abs()
-    return (a if m is None else torch.where(m, a, torch.zeros((), dtype=d.dtype))).sum(dtype=torch.float64)
+def masked_l1_kernel(deltas: list[torch.Tensor], aux: list[list[torch.Tensor]], kind: Optional[str]) -> torch.Tensor:
+    """L1 norms of every masked task vector of one tensor, in one fused pass."""
+    zero = torch.zeros((), dtype=deltas[0].dtype)
+    sums = []
+    for d, a in zip(deltas, aux):
+        m = _mask(kind, d, a)
+        mag = d.abs()
+        sums.append((mag if m is None else torch.where(m, mag, zero)).sum())
+    return torch.stack(sums)
 
 
 def linear_kernel(tensors: list[torch.Tensor], weights: list[torch.Tensor], total: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -200,7 +200,7 @@ def band_mask(delta: torch.Tensor, band: Optional[tuple[float, float]]) -> Optio
     return (mag >= band[0]) & (mag <= band[1])
 
 
-UNIFORM_LEVELS = 1 << 16  # random draws are cached as uint16: u = (r + 0.5) / 65536
+UNIFORM_LEVELS = 1 << 16  # random draws are 16-bit integers r: u = (r + 0.5) / 65536
 
 
 def random_threshold(density: float) -> int:
@@ -213,10 +213,10 @@ def random_threshold(density: float) -> int:
 
 
 def random_mask(draws: torch.Tensor, density: float) -> Optional[torch.Tensor]:
-    """DARE's Bernoulli(density) keep mask from cached uint16 draws (None: keep all)."""
+    """DARE's Bernoulli(density) keep mask from uniform integer draws in [0, 65536) (None: keep all)."""
     if density >= 1:
         return None
-    return draws.to(torch.int32) < random_threshold(density)
+    return draws < random_threshold(density)
 
 
 def della_probabilities(rank_norm: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
