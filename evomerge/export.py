@@ -56,8 +56,8 @@ def model_card(recipe_yaml: str, *, base_model: Optional[str], models: list[str]
         lines += ["base_model:"] + [f"- {m}" for m in [base_model] + [m for m in models if m != base_model]]
     lines += ["---", "", f"# {title}", ""]
     lines += [
-        "This model was merged with [evomerge](https://github.com/evomerge/evomerge) "
-        "from a mergekit-compatible recipe.",
+        "This model was merged with evomerge from the mergekit-compatible recipe below; "
+        "`evomerge merge merge_recipe.yaml --out DIR` (or `mergekit-yaml`) rebuilds it.",
         "",
         "## Sources",
         "",
