@@ -109,7 +109,7 @@ def bench_merge(
         base, models = str(folders[0]), [str(f) for f in folders[1:]]
         model = _live_model(cfg)
         n = sum(p.numel() for p in model.state_dict().values())
-        floor_copy = _time_copy(engine, model, base, models[0], repeats)
+        copies = []
         rows = []
         for method in methods:
             recipe = bench_recipe(method, base, models)
@@ -122,6 +122,9 @@ def bench_merge(
                 engine.merge_into(model, recipe)
                 times.append(time.perf_counter() - t0)
             seconds = statistics.median(times)
+            # measured next to the method, so load drift on the machine hits both alike
+            floor_copy = _time_copy(engine, model, models[0], repeats)
+            copies.append(floor_copy)
             floor = floor_copy * traffic_units(method, len(models)) / 2
             row = {
                 "method": method,
@@ -140,8 +143,8 @@ def bench_merge(
         "params": n,
         "sources": n_sources,
         "threads": torch.get_num_threads(),
-        "copy_seconds": floor_copy,
-        "copy_gb_per_s": 2 * 4 * n / floor_copy / 1e9,
+        "copy_seconds": statistics.median(copies),
+        "copy_gb_per_s": 2 * 4 * n / statistics.median(copies) / 1e9,
         "methods": rows,
     }
 
@@ -155,10 +158,10 @@ def _live_model(cfg: dict) -> torch.nn.Module:
     return model.to_empty(device="cpu").float()
 
 
-def _time_copy(engine: MergeEngine, model: torch.nn.Module, base: str, other: str, repeats: int) -> float:
+def _time_copy(engine: MergeEngine, model: torch.nn.Module, other: str, repeats: int) -> float:
     """Seconds to copy every tensor of one source into the live model (read N, write N)."""
     sd = model.state_dict()
-    srcs = {name: engine.delta(base, other, name) for name in sd}
+    srcs = {name: engine._work(other, name) for name in sd}
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
@@ -166,7 +169,6 @@ def _time_copy(engine: MergeEngine, model: torch.nn.Module, base: str, other: st
             for name, t in sd.items():
                 t.copy_(srcs[name])
         times.append(time.perf_counter() - t0)
-    engine.clear_cache()
     return statistics.median(times[1:])
 
 

@@ -60,6 +60,13 @@ ParameterSetting = Union[ConditionalParameter, List[ConditionalParameter], Scala
 Parameters = Dict[str, ParameterSetting]
 
 
+def _model_path(v: Any) -> Any:
+    """mergekit also accepts ``{model: {path: ...}}``; keep the path."""
+    if isinstance(v, dict) and "path" in v and len(v) == 1:
+        return v["path"]
+    return v
+
+
 class InputModel(BaseModel):
     """One entry of ``models:``."""
 
@@ -67,13 +74,7 @@ class InputModel(BaseModel):
     model: str
     parameters: Optional[Parameters] = None
 
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_as_text(cls, v: Any) -> Any:
-        # mergekit also accepts {model: {path: ...}}; keep the path.
-        if isinstance(v, dict) and "path" in v and len(v) == 1:
-            return v["path"]
-        return v
+    _model_as_text = field_validator("model", mode="before")(_model_path)
 
 
 class Recipe(BaseModel):
@@ -92,12 +93,7 @@ class Recipe(BaseModel):
     # evomerge's own: seeds the masks of random methods (DARE, DELLA); mergekit ignores it.
     random_seed: Optional[int] = None
 
-    @field_validator("base_model", mode="before")
-    @classmethod
-    def _base_as_text(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "path" in v and len(v) == 1:
-            return v["path"]
-        return v
+    _base_as_text = field_validator("base_model", mode="before")(_model_path)
 
     # ------------------------------------------------------------------ parsing
     @classmethod
