@@ -61,6 +61,65 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- search
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search",
+        help="search merge coefficients as a run config says",
+        description="Create runs/<name>/ from a run config (sources, search space, evaluators, "
+        "objectives, optimizer, budget) and run the search. Every trial lands in an Optuna study; "
+        "the Pareto front is kept as model folders in runs/<name>/pareto/.",
+    )
+    p.add_argument("config", type=Path, help="run config YAML")
+    p.add_argument("--name", help="run name (default: the config's name, else the file name)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding run folders (default: runs)")
+    p.add_argument("--trials", type=int, help="budget: completed (or pruned) trials; overrides the config")
+    p.add_argument("--timeout", type=float, help="budget: wall-clock seconds; overrides the config")
+    p.add_argument("--executor", choices=["serial", "ray"], help="where candidates run (default: the config's, else serial)")
+    p.add_argument("--workers", type=int, help="parallel workers (slots); overrides the config")
+    p.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
+    p.add_argument("--seed", type=int, help="seed for the optimizer and random merge methods; overrides the config")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from evomerge.study import SearchRun
+
+    overrides = {}
+    if args.trials is not None:
+        overrides["budget.trials"] = args.trials
+    if args.timeout is not None:
+        overrides["budget.timeout"] = args.timeout
+    if args.executor is not None:
+        overrides["executor.kind"] = args.executor
+    if args.workers is not None:
+        overrides["executor.workers"] = args.workers
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    run = SearchRun.create(args.config, runs_dir=args.runs_dir, name=args.name, storage=args.storage, overrides=overrides)
+    try:
+        summary = run.run(progress=not args.json)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: evomerge resume {run.run_dir}", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"{summary['n_complete']} complete, {summary['n_failed']} failed, {summary['n_pruned']} pruned; "
+            f"front of {len(summary['pareto'])} in {run.run_dir / 'pareto'}"
+        )
+        names = [o["name"] for o in summary["objectives"]]
+        for m in summary["pareto"]:
+            vals = "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["values"]))
+            held = ""
+            if m.get("holdout_values"):
+                held = "  held-out: " + "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["holdout_values"]) if v is not None)
+            print(f"  trial {m['trial']:4d}  {vals}{held}")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -138,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_merge,
+    _add_search,
     _add_demo,
     _add_bench,
 ]

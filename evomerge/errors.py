@@ -32,3 +32,20 @@ class MergeError(EvomergeError):
 
 class EvaluationError(EvomergeError):
     """An evaluator cannot be built or run."""
+
+
+def validation_message(exc: "ValidationError") -> str:  # noqa: F821 - pydantic imported lazily
+    """The first pydantic error as ``field.path: message`` (one line)."""
+    err = exc.errors()[0]
+    skip = ("function-", "union[", "list[", "dict[", "tagged-union[")
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(skip) and str(p) not in _TYPE_TAGS)
+    if err["type"] == "missing":
+        msg = "missing required field"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+_TYPE_TAGS = {"bool", "int", "float", "str", "ConditionalParameter", "SearchedParameter", "list", "dict"}

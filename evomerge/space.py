@@ -44,7 +44,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge._presets import resolve_preset
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, validation_message
 from evomerge.merge import methods as M
 from evomerge.merge.recipe import Recipe
 
@@ -152,9 +152,7 @@ class SearchSpace:
         try:
             config = SearchSpaceConfig.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("SearchedParameter", "bool", "int", "float", "str")))
-            raise ConfigError(f"{where}: {loc}: {err['msg']}") from None
+            raise ConfigError(f"{where}: {validation_message(exc)}") from None
         return cls(config, where=where, **kwargs)
 
     def _validate(self) -> None:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, validation_message
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, List[Scalar]]
@@ -133,7 +133,7 @@ class Recipe(BaseModel):
         try:
             recipe = cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(f"{where}: {_first_error(exc)}") from None
+            raise ConfigError(f"{where}: {validation_message(exc)}") from None
         if validate:
             recipe.validate_semantics(where)
         return recipe
@@ -270,17 +270,6 @@ def parse_dtype(name: str, where: str = "dtype"):
     if key not in _DTYPES:
         raise ConfigError(f"{where}: unknown dtype {name!r} (expected one of float32, float16, bfloat16, float64)")
     return getattr(torch, _DTYPES[key])
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "list[", "dict[", "bool", "int", "float", "str", "ConditionalParameter")))
-    msg = err["msg"]
-    if err["type"] == "missing":
-        return f"{loc}: missing required field"
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown field"
-    return f"{loc}: {msg}" if loc else msg
 
 
 class _RecipeDumper(yaml.SafeDumper):

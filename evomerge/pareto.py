@@ -1,0 +1,175 @@
+"""The Pareto front of a run: computed from the study, kept on disk as model folders.
+
+``runs/<name>/pareto/<trial>/`` holds a ready-to-load Hugging Face folder for every
+member of the current front and ``pareto.json`` lists them (trial, values, held-out
+values, recipe, path). :meth:`ParetoArchive.sync` brings the folder in line with the
+study: a new member is written atomically (temp folder, then rename), a member that
+became dominated is renamed away and deleted, and ``pareto.json`` is replaced in one
+rename. A reader never sees a partial folder.
+
+The front holds the non-dominated COMPLETE trials that meet the constraints; among
+trials with exactly the same objective values only the earliest is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from evomerge.optimize.base import Objective
+
+OBJECTIVES_ATTR = "objective_values"  # per-objective values of a trial (user attr)
+SCORES_ATTR = "scores"  # every metric the evaluators returned
+HOLDOUT_ATTR = "holdout_scores"
+RECIPE_ATTR = "recipe"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    metric: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    def ok(self, scores: dict[str, float]) -> bool:
+        v = scores.get(self.metric)
+        if v is None:
+            return False
+        return (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
+
+
+def losses(values: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> np.ndarray:
+    """Objective values turned into losses (maximized objectives negated)."""
+    signs = np.array([-1.0 if o.direction == "maximize" else 1.0 for o in objectives])
+    arr = np.asarray(values, dtype=float).reshape(-1, len(objectives))
+    return arr * signs
+
+
+def front_indices(values: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> list[int]:
+    """Indices of the non-dominated points; the first of exact duplicates only."""
+    from optuna.study._multi_objective import _is_pareto_front
+
+    if len(values) == 0:
+        return []
+    loss = losses(values, objectives)
+    on_front = _is_pareto_front(loss, assume_unique_lexsorted=False)
+    seen: set[tuple[float, ...]] = set()
+    out = []
+    for i in np.flatnonzero(on_front):
+        key = tuple(loss[i])
+        if key not in seen:
+            seen.add(key)
+            out.append(int(i))
+    return out
+
+
+def dominated_by_front(point: Sequence[float], front: Sequence[Sequence[float]], objectives: Sequence[Objective], slack: float = 0.0) -> bool:
+    """True when some front member beats ``point`` by more than ``slack`` in every objective
+    (weakly in all, strictly in one, when slack is 0)."""
+    if not len(front):
+        return False
+    p = losses([point], objectives)[0]
+    f = losses(front, objectives)
+    if slack > 0:
+        return bool(np.any(np.all(f < p - slack, axis=1)))
+    return bool(np.any(np.all(f <= p, axis=1) & np.any(f < p, axis=1)))
+
+
+def hypervolume(points: Sequence[Sequence[float]], objectives: Sequence[Objective], reference: Sequence[float]) -> float:
+    """Volume dominated by ``points`` and bounded by the reference point (in objective units)."""
+    from optuna._hypervolume import compute_hypervolume
+
+    if not len(points):
+        return 0.0
+    loss = losses(points, objectives)
+    ref = losses([reference], objectives)[0]
+    inside = loss[np.all(loss < ref, axis=1)]
+    if not len(inside):
+        return 0.0
+    return float(compute_hypervolume(inside, ref))
+
+
+class ParetoArchive:
+    """Keeps ``run_dir/pareto/`` and ``run_dir/pareto.json`` equal to the study's front."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        objectives: Sequence[Objective],
+        *,
+        constraints: Sequence[Constraint] = (),
+        write_model: Optional[Callable[[dict, Path], Any]] = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "pareto"
+        self.json_path = self.run_dir / "pareto.json"
+        self.objectives = list(objectives)
+        self.constraints = list(constraints)
+        self.write_model = write_model
+
+    def eligible(self, trials: Sequence[Any]) -> list[Any]:
+        from optuna.trial import TrialState
+
+        out = []
+        for t in trials:
+            if t.state != TrialState.COMPLETE or OBJECTIVES_ATTR not in t.user_attrs:
+                continue
+            if all(c.ok(t.user_attrs.get(SCORES_ATTR, {})) for c in self.constraints):
+                out.append(t)
+        return out
+
+    def front(self, trials: Sequence[Any]) -> list[Any]:
+        done = sorted(self.eligible(trials), key=lambda t: t.number)
+        idx = front_indices([t.user_attrs[OBJECTIVES_ATTR] for t in done], self.objectives)
+        return [done[i] for i in idx]
+
+    def sync(self, trials: Sequence[Any], *, holdout: Optional[dict[int, dict]] = None) -> list[Any]:
+        """Write missing members, drop dominated ones, rewrite pareto.json; returns the front."""
+        front = self.front(trials)
+        numbers = {t.number for t in front}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.write_model is not None:
+            for t in front:
+                folder = self.dir / str(t.number)
+                if not folder.is_dir():
+                    self.write_model(t.user_attrs[RECIPE_ATTR], folder)
+        for entry in self.dir.iterdir():
+            if entry.name.startswith("."):
+                if ".tmp-" in entry.name or entry.name.startswith(".trash-"):
+                    shutil.rmtree(entry, ignore_errors=True)  # leftovers of an interrupted write
+                continue
+            if not entry.name.isdigit() or int(entry.name) not in numbers:
+                trash = self.dir / f".trash-{entry.name}"
+                os.replace(entry, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        members = []
+        for t in front:
+            held = (holdout or {}).get(t.number) or t.user_attrs.get(HOLDOUT_ATTR)
+            members.append(
+                {
+                    "trial": t.number,
+                    "values": dict(zip([o.metric for o in self.objectives], t.user_attrs[OBJECTIVES_ATTR])),
+                    "holdout_values": _objective_dict(held, self.objectives) if held else None,
+                    "scores": t.user_attrs.get(SCORES_ATTR),
+                    "holdout_scores": held,
+                    "recipe": t.user_attrs.get(RECIPE_ATTR),
+                    "path": str(self.dir / str(t.number)) if self.write_model is not None else None,
+                }
+            )
+        write_json_atomic(self.json_path, {"objectives": [o.__dict__ for o in self.objectives], "members": members})
+        return front
+
+
+def _objective_dict(scores: dict, objectives: Sequence[Objective]) -> dict:
+    return {o.metric: scores.get(o.metric) for o in objectives}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,147 @@
+"""The run config: one YAML that names everything a search needs.
+
+Validated in full (sources exist, search space fits the method, objectives are
+metrics some evaluator produces, the optimizer can handle the objectives) before any
+model weight is loaded. See ``examples/search.yaml`` for a commented example.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError, validation_message
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourcesConfig(_Strict):
+    base_model: Optional[str] = None
+    models: List[str]
+    allow_pickle: bool = False
+
+    @field_validator("models")
+    @classmethod
+    def _nonempty(cls, v: List[str]) -> List[str]:
+        if not v:
+            raise ValueError("the model list is empty")
+        return v
+
+
+class EvaluatorRef(_Strict):
+    """An evaluator preset or file, optionally renamed, with the split to search on."""
+
+    preset: str
+    name: Optional[str] = None
+    split: str = "validation"
+    holdout_split: Optional[str] = None
+    limit: Optional[Union[int, float]] = None
+    options: Dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveConfig(_Strict):
+    metric: str
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class ScalarizationConfig(_Strict):
+    kind: Literal["weighted_sum", "chebyshev"] = "weighted_sum"
+    weights: Optional[List[float]] = None
+    reference: Optional[List[float]] = None
+
+
+class OptimizerConfig(_Strict):
+    name: str = "cma"
+    options: Dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetConfig(_Strict):
+    trials: Optional[int] = Field(default=None, ge=1)
+    timeout: Optional[float] = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "BudgetConfig":
+        if self.trials is None and self.timeout is None:
+            raise ValueError("set trials, timeout or both")
+        return self
+
+
+class FidelityConfig(_Strict):
+    """Screen each candidate on a subset; score fully only those that could reach the front."""
+
+    screen: Union[int, float]
+    slack: float = Field(default=0.02, ge=0)
+
+
+class ConstraintConfig(_Strict):
+    metric: str
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+
+class ExecutorConfig(_Strict):
+    kind: Literal["serial", "ray"] = "serial"
+    workers: int = Field(default=1, ge=1)
+
+
+class RunConfig(_Strict):
+    name: Optional[str] = None
+    sources: SourcesConfig
+    search_space: Union[str, Dict[str, Any]]
+    evaluators: List[EvaluatorRef]
+    objectives: List[ObjectiveConfig]
+    scalarization: Optional[ScalarizationConfig] = None
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig
+    seed: int = 0
+    baselines: List[str] = Field(default_factory=lambda: ["uniform"])
+    seed_recipes: List[str] = Field(default_factory=list)
+    fidelity: Optional[FidelityConfig] = None
+    constraints: List[ConstraintConfig] = Field(default_factory=list)
+    reference_point: Optional[List[float]] = None
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    device: str = "cpu"
+    keep_pareto_models: bool = True
+
+    @field_validator("evaluators", "objectives")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("at least one entry is needed")
+        return v
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines(cls, v: List[str]) -> List[str]:
+        for b in v:
+            if b != "uniform":
+                raise ValueError(f"unknown baseline {b!r} (known: uniform; list recipes under seed_recipes)")
+        return v
+
+
+def load_run_config(path: Path) -> RunConfig:
+    """Parse a run config file; one-line error naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: malformed YAML{at}") from None
+    return parse_run_config(data, where=str(path))
+
+
+def parse_run_config(data: Any, *, where: str = "run config") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {validation_message(exc)}") from None

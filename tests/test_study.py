@@ -1,0 +1,187 @@
+"""The search loop: budget, whole CMA generations, Pareto folder in sync, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import evomerge.evaluate
+from evomerge._testing import write_family
+from evomerge.cli import main
+from evomerge.errors import ConfigError
+from evomerge.study import SearchRun
+from tests._distance_eval import DistanceEvaluator
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> list[Path]:
+    return write_family(tmp_path_factory.mktemp("fam"), 2, seed=11)
+
+
+@pytest.fixture
+def distance_evaluators(monkeypatch, family):
+    built = []
+
+    def build(preset, split="validation", **options):
+        ev = DistanceEvaluator({"ft0": family[1], "ft1": family[2]})
+        built.append(ev)
+        return ev
+
+    monkeypatch.setattr(evomerge.evaluate, "build_evaluator", build, raising=False)
+    return built
+
+
+def config(family, tmp_path, **changes) -> Path:
+    data = {
+        "sources": {"base_model": str(family[0]), "models": [str(family[1]), str(family[2])]},
+        "search_space": "task_arithmetic_global",
+        "evaluators": [{"preset": "distance"}],
+        "objectives": [{"metric": "closeness/ft0"}, {"metric": "closeness/ft1"}],
+        "optimizer": {"name": "nsga2", "options": {"population_size": 4}},
+        "budget": {"trials": 10},
+        "seed": 3,
+    }
+    data.update(changes)
+    p = tmp_path / "search.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def pareto_numbers(run_dir: Path) -> set[int]:
+    return {int(p.name) for p in (run_dir / "pareto").iterdir() if not p.name.startswith(".")}
+
+
+def study_front(run: SearchRun) -> set[int]:
+    from evomerge.pareto import ParetoArchive
+
+    study = run.load_study()
+    return {t.number for t in ParetoArchive(run.run_dir, run.objectives).front(study.get_trials())}
+
+
+def test_pareto_folder_equals_the_front_after_every_trial(family, tmp_path, distance_evaluators, monkeypatch):
+    run = SearchRun.create(config(family, tmp_path), runs_dir=tmp_path / "runs")
+    import evomerge.pareto as P
+
+    checks = []
+    real_sync = P.ParetoArchive.sync
+
+    def checked_sync(self, trials, **kw):
+        front = real_sync(self, trials, **kw)
+        on_disk = {int(p.name) for p in self.dir.iterdir()}
+        assert on_disk == {t.number for t in front}  # never a partial or stale folder
+        for n in on_disk:
+            assert (self.dir / str(n) / "model.safetensors").is_file() and (self.dir / str(n) / "config.json").is_file()
+        members = json.loads(self.json_path.read_text())["members"]
+        assert {m["trial"] for m in members} == on_disk
+        checks.append(len(front))
+        return front
+
+    monkeypatch.setattr(P.ParetoArchive, "sync", checked_sync)
+    summary = run.run(progress=False)
+    assert summary["n_complete"] == 10
+    assert len(checks) >= 10
+    assert pareto_numbers(run.run_dir) == study_front(run)
+    # the front is a real trade-off: more than one member, none dominated
+    assert len(summary["pareto"]) >= 2
+    study = run.load_study()
+    first = study.trials[0]
+    assert first.user_attrs["baseline"] == "uniform"
+    for key in ("recipe", "scores", "objective_values", "merge_seconds", "eval_seconds", "worker_id", "fidelity", "hypervolume"):
+        assert key in first.user_attrs
+
+
+def test_stored_recipes_rebuild_the_recorded_scores(family, tmp_path, distance_evaluators):
+    from transformers import AutoModelForCausalLM
+
+    run = SearchRun.create(config(family, tmp_path, budget={"trials": 6}), runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    members = json.loads((run.run_dir / "pareto.json").read_text())["members"]
+    ev = DistanceEvaluator({"ft0": family[1], "ft1": family[2]})
+    for m in members:
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(m["recipe"]))
+        out = tmp_path / f"merged{m['trial']}"
+        assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(out)]) == 0
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        scores = ev.evaluate(model, None)
+        assert [scores["ft0"], scores["ft1"]] == [m["values"]["closeness/ft0"], m["values"]["closeness/ft1"]]
+        # and the Pareto folder holds the same tensors
+        a, b = load_file(str(out / "model.safetensors")), load_file(str(Path(m["path"]) / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("popsize, slots", [(4, 3), (3, 5)])
+def test_cma_evaluates_exactly_the_trials_it_asks(family, tmp_path, distance_evaluators, popsize, slots):
+    cfg = config(
+        family,
+        tmp_path,
+        search_space="ties_layerwise",
+        optimizer={"name": "cma", "options": {"popsize": popsize}},
+        scalarization={"kind": "weighted_sum", "weights": [0.5, 0.5]},
+        budget={"trials": 1 + 3 * popsize},
+        executor={"kind": "serial", "workers": slots},
+        baselines=["uniform"],
+    )
+    run = SearchRun.create(cfg, runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    trials = run.load_study().get_trials()
+    evaluated = sum(ev.calls for ev in distance_evaluators[1:])  # [0] was built by validation
+    assert len(trials) == 1 + 3 * popsize
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert evaluated == len(trials)  # every asked trial evaluated once, none discarded
+    gens = [t.user_attrs.get("cma_generation") for t in trials[1:]]
+    assert gens == sorted(gens) and set(gens) == {0, 1, 2}
+
+
+def test_same_config_and_seed_give_the_same_values_twice(family, tmp_path, distance_evaluators):
+    values = []
+    for name in ("a", "b"):
+        run = SearchRun.create(config(family, tmp_path, optimizer={"name": "tpe"}, budget={"trials": 6}), runs_dir=tmp_path / "runs", name=name)
+        run.run(progress=False)
+        values.append([t.values for t in run.load_study().get_trials()])
+    assert values[0] == values[1]
+
+
+def test_fidelity_prunes_candidates_that_cannot_reach_the_front(family, tmp_path, distance_evaluators):
+    cfg = config(family, tmp_path, fidelity={"screen": 0.5, "slack": 0.0}, optimizer={"name": "random"}, budget={"trials": 12})
+    run = SearchRun.create(cfg, runs_dir=tmp_path / "runs")
+    summary = run.run(progress=False)
+    assert summary["n_complete"] + summary["n_pruned"] == 12
+    pruned = [t for t in run.load_study().get_trials() if t.state == optuna.trial.TrialState.PRUNED]
+    for t in pruned:
+        assert "screen_scores" in t.user_attrs
+
+
+def test_search_on_existing_run_points_to_resume(family, tmp_path, distance_evaluators, capsys):
+    cfg = config(family, tmp_path, budget={"trials": 2})
+    assert main(["search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"]) == 0
+    assert main(["search", str(cfg), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "evomerge resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"search_space": "tie_layerwise"}, "unknown search_spaces preset 'tie_layerwise'"),
+        ({"search_space": {"merge_method": "ties", "parameters": {"weight": {"low": 0, "high": 1}, "density": {"low": 0, "high": 2}}}}, "parameters.density: bound: 2.0 is outside [0, 1]"),
+        ({"objectives": [{"metric": "closeness/ft9"}]}, "objectives: metric 'closeness/ft9' is produced by no evaluator"),
+        ({"optimizer": {"name": "cma"}}, "optimizes one objective"),
+        ({"budget": {}}, "budget: set trials, timeout or both"),
+    ],
+)
+def test_bad_configs_fail_before_any_model_loads(family, tmp_path, distance_evaluators, monkeypatch, capsys, changes, message):
+    import transformers
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    code = main(["search", str(config(family, tmp_path, **changes)), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
