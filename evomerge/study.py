@@ -180,7 +180,15 @@ class SearchRun:
             allow_pickle=self.config.sources.allow_pickle,
             device=self.config.device,
             threads=threads,
+            cache_dir=str(self.run_dir / "cache"),
         )
+
+    def prepare_cache(self, progress: bool = False) -> None:
+        """Task vectors and statistics computed once, in files every worker maps."""
+        from evomerge.merge.engine import MergeEngine
+
+        recipe = self.space.to_recipe(self.space.center(), random_seed=self.config.seed)
+        MergeEngine(self.sources, cache_dir=self.run_dir / "cache").prepare(recipe, progress=progress)
 
     # ------------------------------------------------------------------ study
     def storage(self) -> Any:
@@ -234,6 +242,7 @@ class SearchRun:
         self.optimizer.restore(study)  # continues a resumed run; a no-op on a fresh study
         self._enqueue_baselines(study)
         own_executor = executor is None
+        self.prepare_cache(progress=progress)
         if executor is None:
             executor = build_executor(self.config.executor.kind, self.worker_spec(), workers=workers or self.config.executor.workers)
         archive = ParetoArchive(

@@ -31,6 +31,7 @@ import torch
 from evomerge.errors import MergeError, SourceError
 from evomerge.export import atomic_folder, check_output_folder, model_card
 from evomerge.merge import methods as M
+from evomerge.merge._cache import SharedCache
 from evomerge.merge._kernels import Kernels, linear_kernel, masked_l1_kernel, task_vector_kernel
 from evomerge.merge.recipe import Recipe, parse_dtype
 from evomerge.sources import SourceModel, check_compatible, layer_index
@@ -58,6 +59,7 @@ class MergeEngine:
         *,
         device: str = "cpu",
         compile: Optional[bool] = None,
+        cache_dir: Optional[Path] = None,
     ):
         if not sources:
             raise MergeError("no source models given")
@@ -72,6 +74,8 @@ class MergeEngine:
         self._sorted: dict[tuple[str, str, str], torch.Tensor] = {}
         self._ranks: dict[tuple[str, str, str], torch.Tensor] = {}
         self._draws: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+        # Files other processes can map instead of recomputing (see prepare()).
+        self.shared = SharedCache(cache_dir) if cache_dir is not None and self.device.type == "cpu" else None
 
     @classmethod
     def from_recipe(
@@ -166,9 +170,20 @@ class MergeEngine:
         key = (base, model, name)
         d = self._delta.get(key)
         if d is None:
-            d = (self._work(model, name) - self._work(base, name)).contiguous()
+            d = self._shared("delta", (base, model), name)
+            if d is None:
+                d = (self._work(model, name) - self._work(base, name)).contiguous()
             self._delta[key] = d
         return d
+
+    def _shared(self, kind: str, key: tuple, name: str) -> Optional[torch.Tensor]:
+        if self.shared is None:
+            return None
+        return self.shared.get(kind, self._file_key(key), name)
+
+    def _file_key(self, key: tuple) -> tuple:
+        """Refs become resolved paths, so every process names the same file."""
+        return tuple(str(self.sources[k].path) if isinstance(k, str) and k in self.sources else k for k in key)
 
     def delta_l1(self, base: str, model: str, name: str) -> float:
         key = (base, model, name)
@@ -181,7 +196,9 @@ class MergeEngine:
         key = (base, model, name)
         s = self._sorted.get(key)
         if s is None:
-            s = torch.sort(self.delta(base, model, name).abs().reshape(-1), descending=True).values
+            s = self._shared("sorted", (base, model), name)
+            if s is None:
+                s = torch.sort(self.delta(base, model, name).abs().reshape(-1), descending=True).values
             self._sorted[key] = s
         return s
 
@@ -190,6 +207,8 @@ class MergeEngine:
         key = (base, model, name)
         r = self._ranks.get(key)
         if r is None:
+            r = self._shared("ranks", (base, model), name)
+        if r is None:
             d = self.delta(base, model, name)
             rows = d.reshape(d.shape[0], -1) if d.dim() >= 2 else d.reshape(1, -1)
             order = torch.argsort(rows.abs(), dim=1)
@@ -197,7 +216,7 @@ class MergeEngine:
             ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device).expand_as(order))
             span = max(rows.shape[1] - 1, 1)
             r = (ranks.to(torch.float32) / span).reshape(d.shape)
-            self._ranks[key] = r
+        self._ranks[key] = r
         return r
 
     def draws(self, model: str, index: int, name: str, seed: int) -> torch.Tensor:
@@ -213,11 +232,48 @@ class MergeEngine:
         hit = self._draws.get((model, name))
         if hit is not None and hit[0] == key_seed:
             return hit[1]
-        gen = torch.Generator(device="cpu").manual_seed(key_seed)
-        d = torch.empty((2, *self.delta_shape(model, name)), dtype=torch.uint8).random_(0, 256, generator=gen)
-        d = d.to(self.device)
+        d = self._shared("draws", (model, index, seed), name)
+        if d is None:
+            gen = torch.Generator(device="cpu").manual_seed(key_seed)
+            d = torch.empty((2, *self.delta_shape(model, name)), dtype=torch.uint8).random_(0, 256, generator=gen)
+            d = d.to(self.device)
         self._draws[(model, name)] = (key_seed, d)
         return d
+
+    def prepare(self, recipe: Recipe, *, progress: bool = False) -> None:
+        """Compute once what ``recipe``'s method needs for every tensor and, with a
+        ``cache_dir``, write it to files that every engine on this node maps."""
+        method = M.get_method(recipe.merge_method)
+        if method.kind != "task_vectors" and method.kind != "nuslerp":
+            return
+        base = recipe.base_model
+        if base is None:
+            return
+        seed = recipe.random_seed if recipe.random_seed is not None else 0
+        models = [m.model for m in recipe.models if m.model != base]
+        float_names = [n for n in self.names if _is_float(self.source(base).dtype(n))]
+        kinds = ["delta"]
+        if method.sparsify in ("magnitude", "outliers"):
+            kinds.append("sorted")
+        if method.sparsify == "della":
+            kinds.append("ranks")
+        with _progress(progress, len(models) * len(kinds), "preparing task vectors") as advance:
+            for index, model in enumerate(models):
+                for kind in kinds:
+                    key = (base, model)
+                    if self.shared is not None and self.shared.has(kind, self._file_key(key)):
+                        advance()
+                        continue
+                    get = {"delta": self.delta, "sorted": self.sorted_magnitudes, "ranks": self.rank_norm}[kind]
+                    tensors = {n: get(base, model, n) for n in float_names}
+                    if self.shared is not None:
+                        self.shared.save(kind, self._file_key(key), tensors)
+                    advance()
+                if method.random and self.shared is not None and not self.shared.has("draws", self._file_key((model, index, seed))):
+                    draws = {n: self.draws(model, index, n, seed) for n in float_names}
+                    self.shared.save("draws", self._file_key((model, index, seed)), draws)
+        if self.shared is not None:
+            self.clear_cache()  # from now on every statistic is read from the mapped files
 
     def clear_cache(self) -> None:
         for cache in (self._delta, self._l1, self._sorted, self._ranks, self._draws):
