@@ -87,6 +87,21 @@ class ConstraintConfig(_Strict):
 class ExecutorConfig(_Strict):
     kind: Literal["serial", "ray"] = "serial"
     workers: int = Field(default=1, ge=1)
+    # Ray only
+    cpus_per_worker: Optional[float] = Field(default=None, gt=0)
+    gpus_per_worker: Optional[float] = Field(default=None, ge=0)
+    ray_address: Optional[str] = None
+    ray_dashboard: bool = False
+    max_retries: int = Field(default=2, ge=0)
+
+    def ray_options(self) -> Dict[str, Any]:
+        return {
+            "cpus_per_worker": self.cpus_per_worker,
+            "gpus_per_worker": self.gpus_per_worker,
+            "address": self.ray_address,
+            "dashboard": self.ray_dashboard,
+            "max_retries": self.max_retries,
+        }
 
 
 class RunConfig(_Strict):

@@ -244,7 +244,9 @@ class SearchRun:
         own_executor = executor is None
         self.prepare_cache(progress=progress)
         if executor is None:
-            executor = build_executor(self.config.executor.kind, self.worker_spec(), workers=workers or self.config.executor.workers)
+            ex = self.config.executor
+            options = ex.ray_options() if ex.kind == "ray" else {}
+            executor = build_executor(ex.kind, self.worker_spec(), workers=workers or ex.workers, **options)
         archive = ParetoArchive(
             self.run_dir,
             self.objectives,
