@@ -98,10 +98,14 @@ def _run_search(args: argparse.Namespace) -> int:
     if args.seed is not None:
         overrides["seed"] = args.seed
     run = SearchRun.create(args.config, runs_dir=args.runs_dir, name=args.name, storage=args.storage, overrides=overrides)
+    return _search_and_report(run, args)
+
+
+def _search_and_report(run, args: argparse.Namespace, **budget) -> int:
     try:
-        summary = run.run(progress=not args.json)
+        summary = run.run(progress=not args.json, **budget)
     except KeyboardInterrupt:
-        print(f"interrupted; continue with: evomerge resume {run.run_dir}", file=sys.stderr)
+        print(f"\ninterrupted: finished trials are saved; continue with: evomerge resume {run.run_dir}", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -117,6 +121,101 @@ def _run_search(args: argparse.Namespace) -> int:
             if m.get("holdout_values"):
                 held = "  held-out: " + "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["holdout_values"]) if v is not None)
             print(f"  trial {m['trial']:4d}  {vals}{held}")
+        print(f"next: evomerge status {run.run_dir} | evomerge dashboard {run.run_dir} | "
+              f"evomerge export {run.run_dir} --trial N --out DIR | evomerge resume {run.run_dir} --trials MORE")
+    return 0
+
+
+# --------------------------------------------------------------------------- resume
+def _add_resume(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "resume",
+        help="continue a run after a crash, Ctrl-C or a finished budget",
+        description="Continue runs/<name>/ from its frozen config.yaml: trials a crash left RUNNING "
+        "are marked FAIL and asked again, the optimizer's state is restored, the Pareto folder is "
+        "reconciled with the study, and the search runs until its total budget.",
+    )
+    p.add_argument("run_dir", type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--trials", type=int, help="total budget of completed (or pruned) trials; raise it to search longer")
+    p.add_argument("--timeout", type=float, help="wall-clock seconds for this session")
+    p.add_argument("--workers", type=int, help="parallel workers (slots) for this session")
+    p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.set_defaults(handler=_run_resume)
+
+
+def _run_resume(args: argparse.Namespace) -> int:
+    from evomerge.study import SearchRun
+
+    run = SearchRun.open(args.run_dir, storage=args.storage)
+    return _search_and_report(run, args, trials=args.trials, timeout=args.timeout, workers=args.workers)
+
+
+# --------------------------------------------------------------------------- status
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="counts, best values, Pareto front and throughput of a run",
+        description="Read a run's study (safe while the search is writing) and print counts by state, "
+        "best value per objective, the Pareto front (trial, values, held-out values, path), "
+        "hypervolume, throughput and time spent merging vs evaluating.",
+    )
+    p.add_argument("run_dir", type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from evomerge.status import format_status, status
+
+    s = status(args.run_dir, storage=args.storage)
+    print(json.dumps(s, indent=2) if args.json else format_status(s))
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write one trial's merged model as a Hugging Face folder",
+        description="Rebuild a trial's merged model from its stored recipe (same folder format as merge).",
+    )
+    p.add_argument("run_dir", type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--trial", type=int, required=True, help="trial number (see evomerge status)")
+    p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from evomerge.export import export
+
+    summary = export(args.run_dir, args.trial, args.out, overwrite=args.overwrite, storage=args.storage)
+    print(f"wrote trial {args.trial} ({summary['merge_method']}, {summary['n_tensors']} tensors) -> {summary['out']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- dashboard
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dashboard",
+        help="open optuna-dashboard on a run",
+        description="Serve optuna-dashboard on the run's storage (and its plots). Binds to "
+        "127.0.0.1 unless --host says otherwise.",
+    )
+    p.add_argument("run_dir", type=Path, help="the run folder (runs/<name>)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
+    p.set_defaults(handler=_run_dashboard)
+
+
+def _run_dashboard(args: argparse.Namespace) -> int:
+    from evomerge.dashboard import dashboard
+
+    dashboard(args.run_dir, host=args.host, port=args.port, storage=args.storage)
     return 0
 
 
@@ -198,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 _VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_merge,
     _add_search,
+    _add_resume,
+    _add_status,
+    _add_export,
+    _add_dashboard,
     _add_demo,
     _add_bench,
 ]

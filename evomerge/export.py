@@ -66,3 +66,27 @@ def model_card(recipe_yaml: str, *, base_model: Optional[str], models: list[str]
         lines.append(f"- {m}" + (" (base)" if m == base_model else ""))
     lines += ["", "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def export(run_dir: Path, trial: int, out: Path, *, overwrite: bool = False, storage: Optional[str] = None) -> dict:
+    """Write one trial's merged model (any trial of the study, not only front members)."""
+    from optuna.trial import TrialState
+
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.recipe import Recipe
+    from evomerge.pareto import RECIPE_ATTR
+    from evomerge.study import SearchRun
+
+    check_output_folder(Path(out), overwrite)
+    run = SearchRun.open(run_dir, storage=storage)
+    study = run.load_study()
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial not in trials:
+        raise MergeError(f"run {run.name} has no trial {trial} (trials 0 to {max(trials, default=-1)})")
+    t = trials[trial]
+    if RECIPE_ATTR not in t.user_attrs:
+        raise MergeError(f"trial {trial} has no recipe (state {t.state.name})")
+    if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        raise MergeError(f"trial {trial} is {t.state.name}, not a scored candidate")
+    engine = MergeEngine(run.sources)
+    return engine.write(Recipe.from_dict(t.user_attrs[RECIPE_ATTR]), Path(out), overwrite=overwrite)

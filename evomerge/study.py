@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from evomerge import __version__
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.pareto import (
     HOLDOUT_ATTR,
@@ -31,12 +33,14 @@ from evomerge.pareto import (
     ParetoArchive,
     dominated_by_front,
     hypervolume,
+    write_json_atomic,
 )
 from evomerge.run_config import RunConfig, load_run_config, parse_run_config
 from evomerge.worker import EvaluatorSpec, Job, JobResult, WorkerSpec
 
 CONFIG_NAME = "config.yaml"
 JOURNAL_NAME = "study.journal"
+META_NAME = "run.json"
 
 
 @dataclass
@@ -104,11 +108,64 @@ class SearchRun:
         if (run_dir / CONFIG_NAME).exists():
             raise ConfigError(f"run {run_name!r} already exists in {runs_dir}; continue it with: evomerge resume {run_dir}")
         run = cls(config, run_dir, storage=storage, base_dir=base_dir)  # validates before anything is written
+        if storage:
+            run.load_study()  # an unreachable storage fails here, before the folder is made
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / META_NAME, {"storage": storage, "evomerge": __version__})
         frozen = run_dir / f".{CONFIG_NAME}.tmp"
         frozen.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False))
         frozen.replace(run_dir / CONFIG_NAME)
         return run
+
+    @classmethod
+    def open(cls, run_dir: Path, *, storage: Optional[str] = None) -> "SearchRun":
+        """Reopen an existing run from its frozen config (the source of truth for a resume)."""
+        run_dir = Path(run_dir)
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no {CONFIG_NAME}); runs are made by evomerge search")
+        meta = {}
+        if (run_dir / META_NAME).is_file():
+            meta = json.loads((run_dir / META_NAME).read_text())
+        config = load_run_config(run_dir / CONFIG_NAME)
+        run = cls(config, run_dir, storage=storage or meta.get("storage"))
+        run.check_study_matches()
+        return run
+
+    def check_study_matches(self) -> None:
+        """Refuse a config whose search space or objectives no longer fit the stored trials."""
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=self.name, storage=self.storage())
+        except KeyError:
+            raise ConfigError(f"{self.run_dir}: the storage holds no study named {self.name!r}") from None
+        dists = self.space.distributions()
+        for t in study.get_trials(deepcopy=False):
+            for name, dist in t.distributions.items():
+                if name not in dists or dists[name] != dist:
+                    raise ConfigError(
+                        f"{self.run_dir / CONFIG_NAME}: search space no longer matches the study "
+                        f"(trial {t.number} has parameter {name} {dist}, the config gives {dists.get(name, 'nothing')})"
+                    )
+            break  # one trial suffices: all share the space
+        if len(study.directions) != len(self.optimizer.directions()):
+            raise ConfigError(f"{self.run_dir / CONFIG_NAME}: objectives or optimizer no longer match the study")
+
+    def recover(self, study: Any) -> int:
+        """Trials a crash left RUNNING are marked FAIL and their candidates asked again.
+
+        cma re-asks them itself (its restore replays the study); for the other
+        optimizers their params are enqueued. Returns how many were recovered.
+        """
+        from optuna.trial import TrialState
+
+        stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        for t in stale:
+            study.tell(t.number, state=TrialState.FAIL)
+            if "cma_generation" not in t.user_attrs:
+                attrs = {k: v for k, v in t.user_attrs.items() if k == "baseline"}
+                study.enqueue_trial(t.params, user_attrs=dict(attrs, requeued_from=t.number))
+        return len(stale)
 
     def _validate(self) -> None:
         """Everything that can be checked without loading a model: fail early, one line."""
@@ -239,6 +296,7 @@ class SearchRun:
         budget = trials if trials is not None else self.config.budget.trials
         timeout = timeout if timeout is not None else self.config.budget.timeout
         study = self.load_study()
+        self.recover(study)
         self.optimizer.restore(study)  # continues a resumed run; a no-op on a fresh study
         self._enqueue_baselines(study)
         own_executor = executor is None
@@ -281,7 +339,16 @@ class SearchRun:
             if own_executor:
                 executor.shutdown()
         front = archive.sync(study.get_trials(deepcopy=False))
+        self.save_plots(study, front)
         return self.summary(study, archive, elapsed=time.monotonic() - start)
+
+    def save_plots(self, study: Any, front: list) -> list[Path]:
+        from evomerge.plots import attach_to_study, save_plots
+
+        paths = save_plots(self, study, front)
+        if paths:
+            attach_to_study(self.run_dir, study, paths)
+        return paths
 
     def _dispatch(self, trial: Any, pending: dict[int, _Pending], executor: Any) -> None:
         recipe = self.space.to_recipe(trial.params, random_seed=self.config.seed).to_dict()
@@ -356,12 +423,16 @@ class SearchRun:
         return [float(scores[o.metric]) for o in self.objectives]
 
     def _reference_point(self, study: Any, vec: list[float]) -> list[float]:
-        """Declared, else the first completed trial's values (the uniform baseline)."""
+        """Declared, else 10% worse than the first completed trial (the uniform baseline)
+        in every objective, fixed for the rest of the run so hypervolumes compare."""
         if self.config.reference_point is not None:
             return list(self.config.reference_point)
         ref = study.user_attrs.get("reference_point")
         if ref is None:
-            ref = list(vec)
+            ref = [
+                v - (0.1 * abs(v) + 1e-9) if o.direction == "maximize" else v + (0.1 * abs(v) + 1e-9)
+                for o, v in zip(self.objectives, vec)
+            ]
             study.set_user_attr("reference_point", ref)
         return ref
 

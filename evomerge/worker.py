@@ -77,6 +77,9 @@ class Worker:
         from evomerge.merge.engine import MergeEngine
         from evomerge.sources import SourceModel
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per worker start would drown the search's own
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec

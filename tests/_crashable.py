@@ -1,0 +1,81 @@
+"""Run the evomerge CLI with phase markers, so a test can SIGKILL it at chosen moments.
+
+Environment: EVOMERGE_PHASE_FILE (phases appended as they start: merge, evaluate,
+pareto_write), EVOMERGE_JOB_LOG (one line per submitted job: trial kind),
+EVOMERGE_TARGETS (the two fine-tunes the distance evaluator measures).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import safetensors.torch  # noqa: E402
+
+import evomerge.evaluate  # noqa: E402
+from evomerge.execute.serial import SerialExecutor  # noqa: E402
+from evomerge.merge.engine import MergeEngine  # noqa: E402
+from tests._distance_eval import DistanceEvaluator  # noqa: E402
+
+
+def mark(path_env: str, text: str) -> None:
+    with open(os.environ[path_env], "a") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SlowDistance(DistanceEvaluator):
+    def evaluate(self, model, tokenizer, *, limit=None):
+        mark("EVOMERGE_PHASE_FILE", "evaluate")
+        time.sleep(0.05)
+        return super().evaluate(model, tokenizer, limit=limit)
+
+
+def build(preset, split="validation", **options):
+    a, b = os.environ["EVOMERGE_TARGETS"].split(os.pathsep)
+    return SlowDistance({"ft0": a, "ft1": b})
+
+
+evomerge.evaluate.build_evaluator = build
+_merge_into = MergeEngine.merge_into
+
+
+def merge_into(self, model, recipe):
+    mark("EVOMERGE_PHASE_FILE", "merge")
+    time.sleep(0.05)
+    return _merge_into(self, model, recipe)
+
+
+MergeEngine.merge_into = merge_into
+_save = safetensors.torch.save_file
+
+
+def save_file(tensors, filename, metadata=None):
+    if "/pareto/" in str(filename):
+        mark("EVOMERGE_PHASE_FILE", "pareto_write")
+        _save(tensors, filename, metadata=metadata)
+        time.sleep(0.3)  # the folder is half-written now: a kill here must leave nothing visible
+        return
+    _save(tensors, filename, metadata=metadata)
+
+
+safetensors.torch.save_file = save_file
+_submit = SerialExecutor.submit
+
+
+def submit(self, job):
+    mark("EVOMERGE_JOB_LOG", f"{job.trial} {job.kind}")
+    return _submit(self, job)
+
+
+SerialExecutor.submit = submit
+
+if __name__ == "__main__":
+    from evomerge.cli import main
+
+    sys.exit(main(sys.argv[1:]))

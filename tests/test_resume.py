@@ -1,0 +1,203 @@
+"""Runs survive SIGKILL at any moment, resume to their budget, and can be inspected."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge._testing import write_family
+from evomerge.cli import main
+from evomerge.pareto import ParetoArchive
+from evomerge.study import SearchRun
+
+HARNESS = Path(__file__).parent / "_crashable.py"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> list[Path]:
+    return write_family(tmp_path_factory.mktemp("fam"), 2, seed=21)
+
+
+@pytest.fixture(autouse=True)
+def distance_evaluator(monkeypatch, family):
+    """In this process, evaluators are the weight-distance one (the harness patches its own)."""
+    import evomerge.evaluate
+    from tests._distance_eval import DistanceEvaluator
+
+    build = lambda preset, split="validation", **o: DistanceEvaluator({"ft0": family[1], "ft1": family[2]})  # noqa: E731
+    monkeypatch.setattr(evomerge.evaluate, "build_evaluator", build, raising=False)
+
+
+def write_config(family, path: Path, **changes) -> Path:
+    data = {
+        "sources": {"base_model": str(family[0]), "models": [str(family[1]), str(family[2])]},
+        "search_space": "task_arithmetic_global",
+        "evaluators": [{"preset": "distance"}],
+        "objectives": [{"metric": "closeness/ft0"}, {"metric": "closeness/ft1"}],
+        "optimizer": {"name": "random"},
+        "budget": {"trials": 12},
+        "seed": 1,
+    }
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def harness_env(tmp_path: Path, family) -> dict:
+    env = dict(os.environ)
+    env.update(
+        EVOMERGE_PHASE_FILE=str(tmp_path / "phases.log"),
+        EVOMERGE_JOB_LOG=str(tmp_path / "jobs.log"),
+        EVOMERGE_TARGETS=os.pathsep.join([str(family[1]), str(family[2])]),
+        EVOMERGE_COMPILE="0",
+    )
+    for f in ("phases.log", "jobs.log"):
+        (tmp_path / f).touch()
+    return env
+
+
+def count_phase(tmp_path: Path, phase: str) -> int:
+    return (tmp_path / "phases.log").read_text().split().count(phase)
+
+
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_sigkill_at_random_points_then_resume_to_the_budget(family, tmp_path, storage):
+    rng = random.Random(7)
+    cfg = write_config(family, tmp_path / "search.yaml")
+    env = harness_env(tmp_path, family)
+    run_dir = tmp_path / "runs" / "search"
+    extra = ["--storage", f"sqlite:///{tmp_path / 'study.db'}"] if storage == "sqlite" else []
+    cmd = [sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"] + extra
+    kills = []
+    for phase in ["merge", "evaluate", "pareto_write", "merge", "evaluate", "pareto_write"]:
+        before = count_phase(tmp_path, phase)
+        wait_for = before + rng.randint(1, 2)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while count_phase(tmp_path, phase) < wait_for and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills.append(phase)
+        else:
+            assert proc.returncode == 0, proc.stderr.read()
+            break
+        cmd = [sys.executable, str(HARNESS), "resume", str(run_dir), "--json"]
+    assert len(kills) >= 5, kills
+    final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    run = SearchRun.open(run_dir)
+    study = run.load_study()
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 12
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    # no completed trial was ever evaluated twice
+    full_jobs = Counter(int(line.split()[0]) for line in (tmp_path / "jobs.log").read_text().splitlines() if line.endswith("full"))
+    assert all(full_jobs[t.number] == 1 for t in complete)
+    # Pareto folder == the study's front, each member complete; no leftovers
+    front = {t.number for t in ParetoArchive(run_dir, run.objectives).front(trials)}
+    on_disk = sorted(p.name for p in (run_dir / "pareto").iterdir())
+    assert on_disk == sorted(str(n) for n in front)
+    for n in front:
+        assert (run_dir / "pareto" / str(n) / "model.safetensors").is_file()
+    assert {m["trial"] for m in json.loads((run_dir / "pareto.json").read_text())["members"]} == front
+
+
+def test_resumed_cma_continues_the_same_search(family, tmp_path, monkeypatch):
+    common = dict(
+        search_space="ties_layerwise",
+        optimizer={"name": "cma", "options": {"popsize": 4}},
+        scalarization={"kind": "weighted_sum"},
+        budget={"trials": 13},
+    )
+    whole = SearchRun.create(write_config(family, tmp_path / "a.yaml", **common), runs_dir=tmp_path / "runs")
+    whole.run(progress=False)
+    part = SearchRun.create(write_config(family, tmp_path / "b.yaml", **common), runs_dir=tmp_path / "runs")
+    part.run(trials=6, progress=False)  # stops inside generation 1
+    assert main(["resume", str(part.run_dir), "--json"]) == 0
+
+    def candidates(run_dir):
+        study = SearchRun.open(run_dir).load_study()
+        return {
+            (t.user_attrs["cma_generation"], t.user_attrs["cma_index"]): t.params
+            for t in study.get_trials()
+            if "cma_generation" in t.user_attrs and t.state == optuna.trial.TrialState.COMPLETE
+        }
+
+    a, b = candidates(whole.run_dir), candidates(part.run_dir)
+    assert set(a) == set(b) and len(a) == 12
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-12), key
+
+
+def test_status_json_matches_the_study_and_export_matches_the_front(family, tmp_path, monkeypatch, capsys):
+    run = SearchRun.create(write_config(family, tmp_path / "s.yaml", budget={"trials": 8}), runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    capsys.readouterr()
+    assert main(["status", str(run.run_dir), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    study = run.load_study()
+    trials = study.get_trials()
+    states = Counter(t.state for t in trials)
+    assert status["study"] == run.name
+    assert status["n_complete"] == states[optuna.trial.TrialState.COMPLETE] == 8
+    assert status["n_failed"] == 0 and status["n_pruned"] == 0 and status["n_running"] == 0
+    assert status["objectives"] == [{"name": "closeness/ft0", "direction": "maximize"}, {"name": "closeness/ft1", "direction": "maximize"}]
+    front = ParetoArchive(run.run_dir, run.objectives).front(trials)
+    assert [m["trial"] for m in status["pareto"]] == [t.number for t in front]
+    assert [m["values"] for m in status["pareto"]] == [t.user_attrs["objective_values"] for t in front]
+    assert status["hypervolume"] > 0
+    for png in ("pareto_front.png", "hypervolume.png"):
+        assert (run.run_dir / png).stat().st_size > 1000
+    member = status["pareto"][0]
+    assert main(["export", str(run.run_dir), "--trial", str(member["trial"]), "--out", str(tmp_path / "exported")]) == 0
+    a = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    b = load_file(str(Path(member["path"]) / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tmp, fam: (tmp / "nothing").mkdir() or tmp / "nothing", "is not a run folder"),
+        ("edited", "search space no longer matches the study"),
+    ],
+)
+def test_resume_refuses_with_one_line(family, tmp_path, monkeypatch, capsys, make, message):
+    if make == "edited":
+        run = SearchRun.create(write_config(family, tmp_path / "e.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
+        run.run(progress=False)
+        cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+        cfg["search_space"] = "ties_layerwise"
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+        target = run.run_dir
+    else:
+        target = make(tmp_path, family)
+    capsys.readouterr()
+    assert main(["resume", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unreachable_storage_fails_with_one_line(family, tmp_path, monkeypatch, capsys):
+    cfg = write_config(family, tmp_path / "u.yaml")
+    url = "postgresql://nobody@127.0.0.1:1/none"
+    assert main(["search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
