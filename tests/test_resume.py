@@ -201,3 +201,71 @@ def test_unreachable_storage_fails_with_one_line(family, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "cannot be reached" in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_postgresql_storage_runs_and_resumes(family, tmp_path):
+    from tests._postgres import postgres_server
+
+    with postgres_server(tmp_path / "pg") as url:
+        cfg = write_config(family, tmp_path / "pg.yaml", budget={"trials": 6})
+        run = SearchRun.create(cfg, runs_dir=tmp_path / "runs", storage=url)
+        run.run(trials=3, progress=False)
+        assert main(["resume", str(run.run_dir), "--json"]) == 0  # storage URL remembered in run.json
+        study = SearchRun.open(run.run_dir).load_study()
+        assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()) == 6
+        assert not (run.run_dir / "study.journal").exists()
+
+
+def test_dashboard_answers_while_the_search_writes(family, tmp_path):
+    import socket
+    import urllib.request
+
+    cfg = write_config(family, tmp_path / "d.yaml", budget={"trials": 30})
+    env = harness_env(tmp_path, family)
+    run_dir = tmp_path / "runs" / "d"
+    search = subprocess.Popen([sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (run_dir / "study.journal").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dash = subprocess.Popen([sys.executable, str(HARNESS), "dashboard", str(run_dir), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    answers = []
+    try:
+        while time.monotonic() < deadline + 60 and (len(answers) < 3 or search.poll() is None and len(answers) < 3):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    answers.append((r.status, json.loads(r.read())))
+                    if search.poll() is None:
+                        answers[-1] += ("during search",)
+            except OSError:
+                pass
+            time.sleep(0.3)
+        assert search.wait(timeout=240) == 0, search.stderr.read()
+    finally:
+        dash.terminate()
+        dash.wait(timeout=30)
+    assert answers and all(status == 200 for status, *_ in answers)
+    assert any(len(a) == 3 for a in answers), "no answer came while the search was writing"
+    assert any(st["study_name"] == "d" for st in answers[-1][1]["study_summaries"])
+    study = SearchRun.open(run_dir).load_study()
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()) == 30
+
+
+def test_ctrl_c_cancels_in_flight_trials_and_prints_how_to_resume(family, tmp_path):
+    cfg = write_config(family, tmp_path / "c.yaml", budget={"trials": 40})
+    env = harness_env(tmp_path, family)
+    proc = subprocess.Popen([sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while count_phase(tmp_path, "evaluate") < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert f"evomerge resume {tmp_path / 'runs' / 'c'}" in err and "Traceback" not in err
+    study = SearchRun.open(tmp_path / "runs" / "c").load_study()
+    assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
