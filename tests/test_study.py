@@ -185,3 +185,25 @@ def test_bad_configs_fail_before_any_model_loads(family, tmp_path, distance_eval
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_front_members_are_rescored_on_the_holdout_split(family, tmp_path, monkeypatch):
+    splits = []
+
+    def build(preset, split="validation", **options):
+        splits.append(split)
+        ev = DistanceEvaluator({"ft0": family[1], "ft1": family[2]})
+        if split == "test":  # a different "data set": scores shifted, so both figures differ
+            base = ev.evaluate
+            ev.evaluate = lambda m, t, limit=None: {k: v - 0.01 for k, v in base(m, t, limit=limit).items()}
+        return ev
+
+    monkeypatch.setattr(evomerge.evaluate, "build_evaluator", build, raising=False)
+    cfg = config(family, tmp_path, evaluators=[{"preset": "distance", "holdout_split": "test"}], budget={"trials": 8})
+    run = SearchRun.create(cfg, runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    assert "test" in splits
+    members = json.loads((run.run_dir / "pareto.json").read_text())["members"]
+    for m in members:
+        for metric, value in m["values"].items():
+            assert m["holdout_values"][metric] == pytest.approx(value - 0.01)
