@@ -82,7 +82,7 @@ def test_sigkill_at_random_points_then_resume_to_the_budget(family, tmp_path, st
     extra = ["--storage", f"sqlite:///{tmp_path / 'study.db'}"] if storage == "sqlite" else []
     cmd = [sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"] + extra
     kills = []
-    for phase in ["merge", "evaluate", "pareto_write", "merge", "evaluate", "pareto_write"]:
+    for phase in ["merge", "evaluate", "pareto_write", "evaluate", "pareto_write"]:
         before = count_phase(tmp_path, phase)
         wait_for = before + rng.randint(1, 2)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
