@@ -269,3 +269,12 @@ def test_ctrl_c_cancels_in_flight_trials_and_prints_how_to_resume(family, tmp_pa
     assert f"evomerge resume {tmp_path / 'runs' / 'c'}" in err and "Traceback" not in err
     study = SearchRun.open(tmp_path / "runs" / "c").load_study()
     assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_resume_with_an_unreachable_storage_fails_with_one_line(family, tmp_path, capsys):
+    run = SearchRun.create(write_config(family, tmp_path / "r.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    capsys.readouterr()
+    assert main(["resume", str(run.run_dir), "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and err.count("\n") == 1
