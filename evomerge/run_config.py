@@ -20,10 +20,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AlignSourcesConfig(_Strict):
+    """Align every source to the base (or the first model) before the search starts."""
+
+    method: Literal["weight", "activation", "mudsc"] = "mudsc"
+    alpha: Optional[float] = Field(default=None, ge=0, le=1)
+    data: Optional[str] = None  # evaluator preset or .jsonl/text file for activation statistics
+    to: Literal["base", "first"] = "base"
+    originals: Optional[Dict[str, str]] = None  # set by evomerge: aligned folder -> the source it replaces
+
+
 class SourcesConfig(_Strict):
     base_model: Optional[str] = None
     models: List[str]
     allow_pickle: bool = False
+    align: Optional[AlignSourcesConfig] = None
 
     @field_validator("models")
     @classmethod

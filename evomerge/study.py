@@ -108,6 +108,13 @@ class SearchRun:
         if (run_dir / CONFIG_NAME).exists():
             raise ConfigError(f"run {run_name!r} already exists in {runs_dir}; continue it with: evomerge resume {run_dir}")
         run = cls(config, run_dir, storage=storage, base_dir=base_dir)  # validates before anything is written
+        if config.sources.align is not None and not config.sources.align.originals:
+            from evomerge.align.sources import align_run_sources
+
+            data = config.model_dump(mode="json")
+            data["sources"] = align_run_sources(data["sources"], run_dir / "aligned", base_dir=base_dir, progress=True)
+            config = parse_run_config(data, where=str(config_path))
+            run = cls(config, run_dir, storage=storage, base_dir=base_dir)
         if storage:
             run.load_study()  # an unreachable storage fails here, before the folder is made
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,114 @@
+"""Connectivity (issue 8): scores along the straight path, barriers, plot, CLI, bench align."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from evomerge._testing import llama_config, write_char_tokenizer, write_family
+from evomerge.align import LlamaSpec, apply_permutations, random_permutations
+from evomerge.align.lm_loss import LMLossEvaluator
+from evomerge.cli import main
+from evomerge.errors import ConfigError
+from evomerge.interpolate import barriers, interpolate
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_barrier_is_the_largest_drop_below_the_endpoints_line() -> None:
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    # accuracy (maximize): endpoints 0.8 and 0.6, line 0.75/0.7/0.65 at the inner points
+    assert barriers(ts, [0.8, 0.7, 0.3, 0.6, 0.6], "maximize") == pytest.approx((0.4, 0.4))
+    # loss (minimize): endpoints 1 and 2; the worst gap is at t = 0.25 (3.0 vs 1.25)
+    assert barriers(ts, [1.0, 3.0, 2.0, 1.75, 2.0], "minimize") == pytest.approx((1.75, 0.5))
+    # a path above the line has no barrier; the midpoint value is then negative
+    assert barriers([0.0, 0.5, 1.0], [0.5, 0.9, 0.5], "maximize") == pytest.approx((0.0, -0.4))
+    with pytest.raises(ValueError):
+        barriers(ts, [0.0] * 5, "up")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Model A (sharp random weights), B = A permuted, and texts sampled from A as JSONL."""
+    root = tmp_path_factory.mktemp("path")
+    cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)
+    (a,) = write_family(root / "fam", 0, seed=3, cfg=cfg)
+    state = {n: t * (3.0 if t.dim() == 2 else 1.0) for n, t in load_file(str(a / "model.safetensors")).items()}
+    save_file(state, str(a / "model.safetensors"))  # larger weights: a peaked, non-trivial model
+    spec = LlamaSpec.from_config(cfg)
+    b = root / "b"
+    b.mkdir()
+    save_file(apply_permutations(state, spec, random_permutations(spec, torch.Generator().manual_seed(2))), str(b / "model.safetensors"))
+    (b / "config.json").write_text((a / "config.json").read_text())
+    write_char_tokenizer(b, cfg["vocab_size"])
+    # A's own samples: A (and B) predict them well; a blend of unmatched units does not
+    model = LlamaForCausalLM.from_pretrained(a).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 40, (24, 1), generator=g)
+    with torch.no_grad():
+        for _ in range(16):  # characters only (ids 5..47 are "!".."K" in the test tokenizer)
+            probs = torch.softmax(model(input_ids=ids).logits[:, -1, 5:], -1)
+            ids = torch.cat([ids, 5 + torch.multinomial(probs, 1, generator=g)], 1)
+    data = root / "samples.jsonl"
+    data.write_text("".join(json.dumps({"text": "".join(chr(28 + i) for i in row)}) + "\n" for row in ids.tolist()))
+    return a, b, data
+
+
+def test_alignment_removes_the_barrier_of_a_permuted_copy(pair, tmp_path: Path) -> None:
+    a, b, data = pair
+    ev = LMLossEvaluator(data)
+    plain = interpolate(a, b, ev, steps=3)
+    assert plain["metric"] == "loss" and plain["direction"] == "minimize"
+    assert plain["values"][0] == pytest.approx(plain["values"][-1], abs=1e-5)  # B computes what A does
+    assert plain["midpoint_barrier"] > 0.05, plain["values"]
+    aligned = interpolate(a, b, ev, steps=3, align="weight", plot=tmp_path / "p.png")
+    assert aligned["barrier"] < 1e-5 and max(aligned["values"]) - min(aligned["values"]) < 1e-5
+    assert aligned["align"]["method"] == "weight" and aligned["align"]["converged"]
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG
+
+
+def test_interpolate_refuses_bad_settings(pair) -> None:
+    a, b, data = pair
+    with pytest.raises(ConfigError, match="at least 3"):
+        interpolate(a, b, LMLossEvaluator(data), steps=2)
+    with pytest.raises(ConfigError, match="no metric 'bleu'"):
+        interpolate(a, b, LMLossEvaluator(data), metric="bleu")
+
+
+def test_cli_interpolate_prints_the_path_and_saves_a_plot(pair, tmp_path: Path, capsys) -> None:
+    a, b, data = pair
+    plot = tmp_path / "out" / "path.png"
+    code = main(["interpolate", str(a), str(b), "--evaluator", str(data), "--steps", "3", "--align", "mudsc", "--alpha", "0.5", "--plot", str(plot), "--json"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["t"] == [0.0, 0.5, 1.0] and len(r["scores"]) == 3 and set(r["scores"][1]) == {"loss", "token_accuracy"}
+    assert r["align"]["alpha"] == 0.5 and r["barrier"] < 1e-5
+    assert plot.read_bytes()[:8] == PNG
+    code = main(["interpolate", str(a), str(b), "--evaluator", str(data), "--steps", "3", "--plot", str(plot)])
+    text = capsys.readouterr().out
+    assert code == 0 and "barrier" in text and "0.500" in text
+    assert main(["interpolate", str(a), str(b), "--evaluator", str(tmp_path / "none.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
+    a, b, data = pair
+    code = main(["bench", "align", "--reference", str(a), "--model", str(b), "--evaluator", str(data), "--data", str(data), "--alphas", "0,1", "--json"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    names = [row["row"] for row in r["rows"]]
+    assert names[:4] == [f"A ({a.name})", f"B ({b.name})", "ensemble (A, B)", "no alignment"]
+    assert names[4:8] == ["weight", "activation", "mudsc alpha=0", "mudsc alpha=1"] and names[8].startswith("mudsc (alpha=")
+    primary = r["primary"]
+    assert primary == "samples/loss"
+    by = {row["row"]: row for row in r["rows"]}
+    assert by["no alignment"]["midpoint_barrier"][primary] > 0.05
+    assert all(abs(row["midpoint_barrier"][primary]) < 1e-5 for row in r["rows"][4:])  # B is a permuted A
+    # an ensemble of two copies of one function is that function
+    assert by["ensemble (A, B)"]["scores"][primary] == pytest.approx(by[f"A ({a.name})"]["scores"][primary], abs=1e-4)
+    assert r["check"]["pass"] is True and r["check"]["ratio"] < 1e-3
