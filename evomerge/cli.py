@@ -77,6 +77,10 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, help="budget: wall-clock seconds; overrides the config")
     p.add_argument("--executor", choices=["serial", "ray"], help="where candidates run (default: the config's, else serial)")
     p.add_argument("--workers", type=int, help="parallel workers (slots); overrides the config")
+    p.add_argument("--cpus-per-worker", type=float, help="Ray: CPUs per worker, fractions allowed; torch threads = floor (default: CPUs / workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="Ray: GPUs per worker, fractions allowed (workers then share a GPU)")
+    p.add_argument("--ray-address", help="Ray: join this cluster (HOST:PORT, auto, ray://...) instead of starting a local one")
+    p.add_argument("--ray-dashboard", action="store_true", default=None, help="Ray: start the local cluster with its dashboard")
     p.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
     p.add_argument("--seed", type=int, help="seed for the optimizer and random merge methods; overrides the config")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
@@ -95,6 +99,10 @@ def _run_search(args: argparse.Namespace) -> int:
         overrides["executor.kind"] = args.executor
     if args.workers is not None:
         overrides["executor.workers"] = args.workers
+    for option in ("cpus_per_worker", "gpus_per_worker", "ray_address", "ray_dashboard"):
+        if getattr(args, option) is not None:
+            overrides[f"executor.{option}"] = getattr(args, option)
+            overrides.setdefault("executor.kind", "ray")  # a Ray option without --executor means Ray
     if args.seed is not None:
         overrides["seed"] = args.seed
     run = SearchRun.create(args.config, runs_dir=args.runs_dir, name=args.name, storage=args.storage, overrides=overrides)
@@ -219,6 +227,74 @@ def _run_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- zoo
+def _add_zoo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "zoo",
+        help="build the offline demo family of small models (or reuse it)",
+        description="Build, offline and deterministically, a family of tiny Llama models with a "
+        "character tokenizer: a base, one specialist per skill (add, reverse, sort, count), a second "
+        "base from another initialization, and the skills' train/validation/test JSONL. Prints each "
+        "model's test accuracy per skill, with the specialists' uniform average. A second call reuses "
+        "the folder.",
+    )
+    p.add_argument("dir", type=Path, help="folder to build the zoo in")
+    p.add_argument("--rebuild", action="store_true", help="build again even if DIR holds this zoo")
+    p.add_argument("--workers", type=int, default=None, help="training processes (default: 2, or 1 on one core)")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+    p.set_defaults(handler=_run_zoo)
+
+
+def _run_zoo(args: argparse.Namespace) -> int:
+    from evomerge.zoo import format_table, zoo
+
+    z = zoo(args.dir, rebuild=args.rebuild, progress=not args.json, workers=args.workers)
+    if args.json:
+        print(json.dumps({"dir": str(z.root), "reused": z.reused, "build_seconds": z.build_seconds,
+                          "models": {k: str(v) for k, v in z.models.items()}, "table": z.table}, indent=2))
+    else:
+        how = "reused" if z.reused else f"built in {z.build_seconds:.1f} s"
+        print(f"zoo {z.root} ({how}); test exact match per skill:")
+        print(format_table(z.table, z.skills))
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score a model folder with evaluators (lm-eval tasks, a dataset, a function)",
+        description="Score a Hugging Face model folder with one or more evaluators (a preset name "
+        "from evaluators/ or a YAML file). Every evaluator is checked before the model loads. "
+        "Metrics are printed as <evaluator>/<metric>.",
+    )
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="model folder")
+    p.add_argument("--evaluator", "-e", action="append", required=True, metavar="NAME_OR_YAML", help="evaluator preset or YAML file (repeatable)")
+    p.add_argument("--split", default=None, help="split to score, such as validation or test (default: the evaluator's)")
+    p.add_argument("--limit", type=float, default=None, help="a count, or a fraction in (0, 1], of the examples (a fixed subset)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from evomerge.evaluate import evaluate
+
+    limit = args.limit
+    if limit is not None and limit > 1 and float(limit).is_integer():
+        limit = int(limit)
+    scores = evaluate(args.model_dir, args.evaluator, split=args.split, limit=limit, device=args.device)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    else:
+        width = max(len("metric"), *(len(k) for k in scores))
+        print(f"{'metric'.ljust(width)}  value")
+        print(f"{'-' * width}  ------")
+        for k, v in scores.items():
+            print(f"{k.ljust(width)}  {v:.4f}")
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -244,6 +320,85 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(handler=_run_bench_merge)
 
+    al = bsub.add_parser(
+        "align",
+        help="midpoint barrier of two unrelated models: unaligned, weight, activation, mudsc, ensemble",
+        description="Compare the endpoints, their output ensemble and the midpoint (A + B) / 2 "
+        "without alignment and after weight, activation and mudsc alignment (each alpha of the "
+        "grid, and alpha chosen on validation). By default the zoo's two independently "
+        "initialized bases, scored on the held-out test split. Checks that mudsc at least "
+        "halves the unaligned midpoint barrier.",
+    )
+    al.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
+    al.add_argument("--reference", help="model A instead of the zoo's (needs --model, --evaluator, --data)")
+    al.add_argument("--model", help="model B instead of the zoo's")
+    al.add_argument("--evaluator", help="evaluator preset or .jsonl/text file (with --reference/--model)")
+    al.add_argument("--data", help="activation data: evaluator preset or .jsonl/text file (with --reference/--model)")
+    al.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="mudsc alpha grid (default: 0,0.25,0.5,0.75,1)")
+    al.add_argument("--steps", type=int, default=3, help="points on each path, endpoints included (default: 3)")
+    al.add_argument("--limit", type=int, help="test examples per skill (zoo only; default: all)")
+    al.add_argument("--json", action="store_true", help="print JSON")
+    al.set_defaults(handler=_run_bench_align)
+
+    se = bsub.add_parser(
+        "search",
+        help="search throughput and worker memory: serial, ray x1, ray x2 on the zoo",
+        description="Run the same search on the offline zoo with the serial executor and with Ray "
+        "(1 and 2 workers by default): candidates per minute, the share of worker time spent outside "
+        "merge + evaluate (steady state: after actor start-up and one warm-up job per worker), and "
+        "resident memory per worker; then what an extra worker adds in memory on a larger synthetic model.",
+    )
+    se.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
+    se.add_argument("--trials", type=int, default=24, help="trials per timed search (default: 24)")
+    se.add_argument("--workers", default="1,2", help="Ray worker counts to time, comma-separated (default: 1,2)")
+    se.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default: 1)")
+    se.add_argument("--optimizer", default="random", help="sampler of the timed searches (default: random)")
+    se.add_argument("--limit", type=int, default=None, help="examples per skill and candidate (default: all of the validation split)")
+    se.add_argument("--memory-params", type=float, default=1e8, help="model size of the memory probe; 0 skips it (default: 1e8)")
+    se.add_argument("--workdir", type=Path, default=None, help="where runs go (default: a temp folder)")
+    se.add_argument("--json", action="store_true", help="print JSON")
+    se.set_defaults(handler=_run_bench_search)
+
+    ev = bsub.add_parser(
+        "evaluate",
+        help="evaluator speed on a zoo model: lm_eval first vs later calls, dataset 500 examples",
+        description="Time the lm_eval evaluator's first call (tasks loaded, requests built) against "
+        "later calls on the same live model (target: under a third), and the dataset evaluator on "
+        "500 examples of a zoo skill (target: under 1 s on two cores). Builds the zoo if needed.",
+    )
+    ev.add_argument("--zoo", type=Path, default=None, help="zoo folder, built if missing (default: $EVOMERGE_ZOO_CACHE or .cache/zoo)")
+    ev.add_argument("--skill", default="add", help="zoo skill whose specialist is scored (default: add)")
+    ev.add_argument("--repeats", type=int, default=5, help="later calls timed; the median is kept (default: 5)")
+    ev.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(handler=_run_bench_evaluate)
+
+
+def _run_bench_evaluate(args: argparse.Namespace) -> int:
+    from evomerge.bench.evaluate import bench_evaluate, format_table
+
+    result = bench_evaluate(zoo_dir=args.zoo, skill=args.skill, repeats=args.repeats, threads=args.threads, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _run_bench_search(args: argparse.Namespace) -> int:
+    from evomerge.bench.search import bench_search, format_table
+
+    result = bench_search(
+        zoo_dir=args.zoo,
+        trials=args.trials,
+        ray_workers=[int(k) for k in args.workers.split(",") if k.strip()],
+        cpus_per_worker=args.cpus_per_worker,
+        optimizer=args.optimizer,
+        limit=args.limit,
+        memory_params=args.memory_params,
+        workdir=args.workdir,
+        progress=not args.json,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
 
 def _run_bench_merge(args: argparse.Namespace) -> int:
     from evomerge.bench.merge import bench_merge, format_table
@@ -259,6 +414,120 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
         progress=not args.json,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+
+def _run_bench_align(args: argparse.Namespace) -> int:
+    from evomerge.align.resolve import resolve_data, resolve_evaluator
+    from evomerge.bench.align import bench_align, format_table
+
+    evaluators = [resolve_evaluator(args.evaluator)] if args.evaluator else None
+    data = resolve_data(args.data) if args.data else None
+    result = bench_align(
+        zoo_dir=args.zoo, reference=args.reference, model=args.model, evaluators=evaluators, data=data,
+        alphas=_floats(args.alphas, "--alphas"), steps=args.steps, limit=args.limit, progress=not args.json,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+# --------------------------------------------------------------------------- align
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "align",
+        help="permute a model's hidden units into a reference model's order",
+        description="Match the hidden units of --model to those of --reference (residual stream, "
+        "MLP neurons, attention heads and value dimensions of Llama-family models) and write "
+        "--model with its units permuted: the same outputs, now mergeable with the reference. "
+        "Methods: weight (weight matching, no data), activation (activations on --data), "
+        "mudsc (alpha * weight + (1 - alpha) * activation similarity; alpha chosen on held-out "
+        "data from --alphas unless --alpha is given).",
+    )
+    p.add_argument("--reference", required=True, help="model folder (or hub id) whose unit order is kept")
+    p.add_argument("--model", required=True, help="model folder (or hub id) to permute")
+    p.add_argument("--method", choices=["weight", "activation", "mudsc"], default="mudsc", help="similarity (default: mudsc)")
+    p.add_argument("--alpha", type=float, help="mudsc balance between weight (1) and activation (0) similarity")
+    p.add_argument("--alphas", default=None, help="comma-separated alphas tried when --alpha is not given (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--data", help="activation data: an evaluator preset or a .jsonl/.json/text file")
+    p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
+    p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    p.set_defaults(handler=_run_align)
+
+
+def _run_align(args: argparse.Namespace) -> int:
+    from evomerge.align import align_folder
+    from evomerge.align.resolve import resolve_data
+
+    options = {"alphas": _floats(args.alphas, "--alphas")} if args.alphas else {}
+    data = resolve_data(args.data) if args.data else None
+    summary = align_folder(
+        args.reference, args.model, args.out, method=args.method, alpha=args.alpha, data=data,
+        overwrite=args.overwrite, progress=not args.json, **options,
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"aligned {summary['model']} to {summary['reference']} with {summary['method']} "
+            f"(alpha {summary['alpha']:g}, {summary['passes']} passes, {summary['seconds']:.1f} s) -> {summary['out']}"
+        )
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    from evomerge.errors import ConfigError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- interpolate
+def _add_interpolate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "interpolate",
+        help="score models along the straight path between two models (loss barrier)",
+        description="Score (1 - t) * A + t * B at --steps evenly spaced t in [0, 1] with an evaluator, "
+        "optionally after aligning B to A, report the barrier (largest drop below the endpoints' "
+        "straight line; at the midpoint, the drop below their mean) and save a PNG plot.",
+    )
+    p.add_argument("a", help="model folder at t = 0 (the reference when aligning)")
+    p.add_argument("b", help="model folder at t = 1")
+    p.add_argument("--evaluator", required=True, help="evaluator preset, or a .jsonl/text file scored by next-token loss")
+    p.add_argument("--metric", help="metric the barrier is measured on (default: the evaluator's first)")
+    p.add_argument("--steps", type=int, default=11, help="points on the path, endpoints included (default: 11)")
+    p.add_argument("--align", choices=["weight", "activation", "mudsc"], help="align B to A first with this method")
+    p.add_argument("--alpha", type=float, help="mudsc alpha (default: chosen on held-out data)")
+    p.add_argument("--data", help="activation data for --align (default: the evaluator's)")
+    p.add_argument("--limit", type=float, help="evaluate on this many examples (or this fraction) only")
+    p.add_argument("--plot", type=Path, default=Path("interpolation.png"), help="PNG to write (default: interpolation.png)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_run_interpolate)
+
+
+def _run_interpolate(args: argparse.Namespace) -> int:
+    from evomerge.align.resolve import resolve_data, resolve_evaluator
+    from evomerge.interpolate import interpolate
+
+    evaluator = resolve_evaluator(args.evaluator)
+    data = None
+    if args.align is not None:
+        data = resolve_data(args.data) if args.data else resolve_data(args.evaluator)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    r = interpolate(
+        args.a, args.b, evaluator, steps=args.steps, align=args.align, alpha=args.alpha, data=data,
+        metric=args.metric, limit=limit, plot=args.plot,
+    )
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{'t':>6}  {r['evaluator']}/{r['metric']}")
+    for t, v in zip(r["t"], r["values"]):
+        print(f"{t:6.3f}  {v:.4f}")
+    how = f" after {r['align']['method']} alignment (alpha {r['align']['alpha']:g})" if r["align"] else ""
+    print(f"barrier {r['barrier']:.4f}, at the midpoint {r['midpoint_barrier']:.4f} ({r['direction']} {r['metric']}){how}; plot: {r['plot']}")
     return 0
 
 
@@ -302,7 +571,11 @@ _VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_export,
     _add_dashboard,
     _add_demo,
+    _add_zoo,
+    _add_evaluate,
     _add_bench,
+    _add_align,
+    _add_interpolate,
 ]
 
 

@@ -16,3 +16,21 @@ def _isolated_runs_dir(tmp_path, monkeypatch):
     """Tests never write into the repository's runs/ folder."""
     monkeypatch.chdir(tmp_path)
     yield
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The offline zoo (evomerge.zoo), built once and kept between sessions.
+
+    It lives in ``$EVOMERGE_ZOO_CACHE`` or the repository's git-ignored ``.cache/zoo``;
+    a changed zoo recipe rebuilds it.
+    """
+    from evomerge.zoo import default_zoo_dir, zoo as build_zoo
+
+    return build_zoo(default_zoo_dir(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(zoo):
+    """The folder of the session's zoo (base, base_alt, one folder per skill, data/)."""
+    return zoo.root
