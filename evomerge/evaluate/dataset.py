@@ -177,11 +177,17 @@ class DatasetEvaluator(Evaluator):
         special = c.add_special_tokens
         enc: dict[str, Any] = {}
         if c.mode == "generate":
-            if c.stop:
-                enc["forced"] = [_scoring.encode_pair(tokenizer, p, t + c.stop, special) for p, t in zip(self.prompts, self.targets)]
-            else:  # no stop string: a greedy answer ends with the end-of-sequence token
-                eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-                enc["forced"] = [(ctx, cont + eos) for ctx, cont in (_scoring.encode_pair(tokenizer, p, t, special) for p, t in zip(self.prompts, self.targets))]
+            # Greedy output, cut at max_new_tokens, equals the target exactly when the target
+            # and then its end (stop string, else end-of-sequence) are the argmax tokens, up
+            # to max_new_tokens: a target longer than that can never match.
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            forced, possible = [], []
+            for p, t in zip(self.prompts, self.targets):
+                ctx, target = _scoring.encode_pair(tokenizer, p, t, special)
+                full = _scoring.encode_pair(tokenizer, p, t + c.stop, special)[1] if c.stop else target + eos
+                possible.append(len(target) <= c.max_new_tokens)
+                forced.append((ctx, full[: c.max_new_tokens]))
+            enc["forced"], enc["forced_possible"] = forced, np.array(possible)
             enc["prompts"] = [_scoring.encode(tokenizer, p, special) for p in self.prompts]
         elif c.mode == "multiple_choice":
             enc["pairs"] = [[_scoring.encode_pair(tokenizer, p, ch, special) for ch in chs] for p, chs in zip(self.prompts, self.choices)]
@@ -223,7 +229,7 @@ class DatasetEvaluator(Evaluator):
         c = self.config
         if self._teacher_forced():
             _, greedy, _ = _scoring.loglikelihoods(model, [enc["forced"][i] for i in idx], batch_size=c.batch_size, pad_id=pad)
-            return {"exact_match": float(greedy.mean())}
+            return {"exact_match": float((np.asarray(greedy, dtype=bool) & enc["forced_possible"][idx]).mean())}
         stop_ids = _scoring.encode(tokenizer, c.stop, False) if c.stop else []
         eos = [stop_ids[0]] if len(stop_ids) == 1 else []
         if tokenizer.eos_token_id is not None:
