@@ -83,4 +83,12 @@ def test_compiled_kernels_match_mergekit(name, parity_dir, tmp_path, monkeypatch
     for plan in engine.plan(recipe):
         got = engine.merged_tensor(recipe, plan)
         assert rel_err(got, expected[plan.name]) < TOLERANCE, plan.name
+    # the fused kernels that write straight into a live model's parameters
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(parity_dir / (recipe.base_model or recipe.models[0].model), dtype=torch.float32)
+    engine.merge_into(model, recipe)
+    live = model.state_dict()
+    for name, ref in expected.items():
+        assert rel_err(live[name], ref) < TOLERANCE, name
     assert not engine.kernels._failed, "torch.compile fell back to eager"

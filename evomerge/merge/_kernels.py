@@ -93,6 +93,21 @@ def linear_kernel(tensors: list[torch.Tensor], weights: list[torch.Tensor], tota
     return result / total if normalize else result
 
 
+def into(kernel: Callable[..., torch.Tensor]) -> Callable[..., None]:
+    """The kernel writing its result into ``out`` (fused by torch.compile into one pass,
+    with no temporary the size of the tensor)."""
+
+    def write(out: torch.Tensor, *args: Any) -> None:
+        out.copy_(kernel(*args))
+
+    write.__name__ = f"{kernel.__name__}_into"
+    return write
+
+
+task_vector_into = into(task_vector_kernel)
+linear_into = into(linear_kernel)
+
+
 class Kernels:
     """Picks eager or compiled versions of the kernels for each call."""
 

@@ -32,7 +32,7 @@ from evomerge.errors import MergeError, SourceError
 from evomerge.export import atomic_folder, check_output_folder, model_card
 from evomerge.merge import methods as M
 from evomerge.merge._cache import SharedCache
-from evomerge.merge._kernels import Kernels, linear_kernel, masked_l1_kernel, task_vector_kernel
+from evomerge.merge._kernels import Kernels, linear_into, linear_kernel, masked_l1_kernel, task_vector_into, task_vector_kernel
 from evomerge.merge.recipe import Recipe, parse_dtype
 from evomerge.sources import SourceModel, check_compatible, layer_index
 
@@ -280,21 +280,29 @@ class MergeEngine:
             cache.clear()
 
     # ------------------------------------------------------------------ merging
-    def merged_tensor(self, recipe: Recipe, plan: TensorPlan) -> torch.Tensor:
-        """The merged value of one tensor in float32 (int tensors: the reference's)."""
+    def merged_tensor(self, recipe: Recipe, plan: TensorPlan, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """The merged value of one tensor in float32 (int tensors: the reference's).
+
+        With ``out`` (a contiguous float32 tensor of the right shape) the fused kernels
+        of linear and the task-vector methods write into it and return None; other
+        methods return a tensor as usual.
+        """
         method = M.get_method(recipe.merge_method)
         ref = self._reference(recipe)
         if not plan.inputs:
             return self._raw(ref.ref, plan.name)
         kind = method.kind
         if kind == "task_vectors":
-            return self._task_vectors(recipe, method, plan)
+            return self._task_vectors(recipe, method, plan, out)
         if kind == "linear":
             tensors = [self._raw(m, plan.name) for m in plan.inputs]
             weights = [plan.per_model[m]["weight"] for m in plan.inputs]
             total = torch.tensor(sum(weights), dtype=torch.float32)
             w = [torch.tensor(x, dtype=torch.float32) for x in weights]
-            return self.kernels.run(linear_kernel, tensors[0].numel(), tensors, w, total, bool(plan.shared["normalize"]))
+            args = (tensors, w, total, bool(plan.shared["normalize"]))
+            if out is not None:
+                return self.kernels.run(linear_into, tensors[0].numel(), out, *args)
+            return self.kernels.run(linear_kernel, tensors[0].numel(), *args)
         if kind == "slerp":
             other = plan.inputs[0]
             return M.slerp(plan.shared["t"], self._work(recipe.base_model, plan.name), self._work(other, plan.name))
@@ -321,7 +329,7 @@ class MergeEngine:
             return M.passthrough(self._work(only, plan.name), plan.per_model[only]["scale"])
         raise MergeError(f"merge method {recipe.merge_method} has no implementation")
 
-    def _task_vectors(self, recipe: Recipe, method: M.MethodSpec, plan: TensorPlan) -> torch.Tensor:
+    def _task_vectors(self, recipe: Recipe, method: M.MethodSpec, plan: TensorPlan, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         base_ref = recipe.base_model
         name = plan.name
         base = self._work(base_ref, name)
@@ -335,6 +343,11 @@ class MergeEngine:
             weights.append(torch.tensor(p["weight"], dtype=torch.float32))
         scales = self._l1_scales(method.sparsify, base_ref, plan, deltas, aux) if rescale else None
         lam = torch.tensor(plan.shared["lambda"], dtype=torch.float32)
+        if out is not None:
+            return self.kernels.run(
+                task_vector_into, base.numel(), out, base, deltas, aux, weights, scales, lam,
+                method.sparsify, method.consensus, bool(plan.shared["normalize"]),
+            )
         return self.kernels.run(
             task_vector_kernel,
             base.numel(),
@@ -416,8 +429,11 @@ class MergeEngine:
                 )
         with torch.no_grad():
             for plan in plans:
-                target = targets[plan.name]
-                target.data.copy_(self.merged_tensor(recipe, plan))
+                target = targets[plan.name].data
+                direct = target.dtype == torch.float32 and target.is_contiguous() and target.device == self.device
+                value = self.merged_tensor(recipe, plan, out=target if direct else None)
+                if value is not None:  # methods without an in-place kernel, or a cast is needed
+                    target.copy_(value)
         return {"merge_seconds": time.perf_counter() - start}
 
     def write(
