@@ -20,27 +20,36 @@ Scheduling
     than workers. ``prefetch=0`` gives exactly ``workers`` slots, as the serial executor.
 
     ``cma`` asks whole generations: the driver dispatches every candidate of a
-    generation at once (the spare slots let all of them go out, even when the
-    population is larger than the pool), and the next generation is asked the moment
-    the last result of the current one is told (pycma cannot propose it earlier). When
-    workers outnumber the population, the idle workers are not wasted on stragglers'
-    behalf: once the queue is empty and an actor is idle, a job that has run
-    ``straggler_factor`` times longer than the median job (default 1.5, at least
-    ``straggler_min_seconds``) gets a *backup copy* on the idle actor, and the first
-    copy to finish wins (a candidate's merge and score depend only on its recipe, so
-    both copies compute the same values). A generation thus waits for a slow or
-    overloaded worker only until a healthy one has redone that candidate. Backups are
-    never launched while jobs are waiting, so they cost no throughput.
+    generation at once (the spare slots let all of them go out even when the population
+    is larger than the pool), and the next generation is asked the moment the last
+    result of the current one is told (pycma cannot propose it earlier). When workers
+    outnumber the population, the workers left idle are put to use against stragglers:
+    once the queue is empty and an actor is idle, a job that has run ``straggler_factor``
+    times longer than the median job (default 1.5, at least ``straggler_min_seconds``)
+    gets a *backup copy* on the idle actor, and the first copy to finish wins (a
+    candidate's merge and score depend only on its recipe, so both copies compute the
+    same values). A generation thus waits on a slow or overloaded worker only until a
+    healthy one has redone its candidate. Backups are never launched while jobs wait in
+    the queue, so they cost no throughput; the losing copy runs to its end (a running
+    merge cannot be interrupted) and its result is dropped.
 
 Faults
     An actor that dies (OOM kill, segfault, SIGKILL, its node lost) is replaced by a
-    fresh actor and its job goes back to the head of the queue, up to ``max_retries``
-    times; then the job comes back as a failed :class:`~evomerge.worker.JobResult` with
-    ``error = "worker died N times: <reason>"``. Retries per ``(trial, kind)`` are kept
-    in :attr:`RayExecutor.retries`. An exception inside merge or evaluation, and a NaN or
+    fresh actor, and its job goes back to the head of the queue for the first actor that
+    is free (a replacement gets work only once its model is loaded), up to
+    ``max_retries`` times; then the job comes back as a failed
+    :class:`~evomerge.worker.JobResult` with ``error = "worker died N times: <reason>"``.
+    Retries per ``(trial, kind)`` are kept in :attr:`RayExecutor.retries`, deaths in
+    :attr:`RayExecutor.deaths`. An exception inside merge or evaluation, and a NaN or
     infinite score, are turned into the job's error by the Worker itself (the trial
     FAILs, the search goes on); an error Ray raises around the task is handled the same
-    way.
+    way. Replacements that die while starting, more than twice the pool size in a row,
+    stop the search with an error instead of looping.
+
+Memory
+    Besides sharing the mapped sources, each actor hands freed heap pages back to the
+    OS after every job (glibc ``malloc_trim``, a few ms): a merge's temporaries would
+    otherwise stay resident, up to one more model per worker.
 
 Resources
     ``cpus_per_worker`` defaults to the cluster's CPUs divided by ``workers`` (fractions
@@ -50,8 +59,11 @@ Resources
     local Ray starts with ``num_cpus = os.cpu_count()`` and no dashboard unless
     ``dashboard=True``; ``address`` (``HOST:PORT``, ``auto``, ``ray://...``) joins an
     existing cluster, whose nodes must have evomerge installed and see the same model
-    and run folders (a shared file system). When Ray is already initialized in the
-    process, the executor uses it and leaves it running.
+    and run folders (a shared file system); a cluster with token authentication needs
+    ``RAY_AUTH_MODE=token`` in the driver's environment (Ray sends no token to an
+    explicit address otherwise). When Ray is already initialized in the process, the
+    executor uses it and leaves it running; otherwise ``shutdown`` stops the local Ray,
+    or disconnects from the cluster, which keeps running.
 
 Example:
     >>> ex = RayExecutor(spec, workers=2)                      # doctest: +SKIP
@@ -73,6 +85,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import ray
@@ -105,7 +118,8 @@ class _RayWorker(Worker):
     def __init__(self, spec: WorkerSpec, index: int):
         self.started = time.time()
         self.node = ray.util.get_node_ip_address()
-        self.bare_memory = _memory()  # before any model is loaded (imports are done)
+        _preload(spec)
+        self.bare_memory = _memory()  # libraries imported, no weights loaded yet
         super().__init__(spec, worker_id=f"ray-{index}@{self.node}")
         self.ready_at = time.time()
 
@@ -123,28 +137,88 @@ class _RayWorker(Worker):
         }
 
     def memory(self) -> dict[str, int]:
-        """Resident memory of this process now (rss, uss, pss where the OS tells)."""
+        """Resident memory of this process now (see :func:`_memory`)."""
         return _memory()
 
     def run_job(self, job: Job) -> tuple[JobResult, float]:
-        """Worker.run, and the seconds the whole call took inside the actor."""
+        """Worker.run, then the heap handed back; and the seconds it all took inside the actor."""
         t0 = time.perf_counter()
         result = self.run(job)
+        _trim_heap()
         return result, time.perf_counter() - t0
 
 
-def _memory() -> dict[str, int]:
-    import psutil
+_LIBC: Any = None
 
-    p = psutil.Process()
-    out = {"rss": p.memory_info().rss}
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a few ms).
+
+    A merge's and an evaluation's temporaries are freed but glibc keeps the pages: without
+    this a worker holds up to one more model's worth of memory it no longer uses.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _preload(spec: WorkerSpec) -> None:
+    """Import what building the Worker imports (the model's class too), with progress bars off.
+
+    Actor output goes to the driver's terminal: no "Loading weights" bar per worker. Done
+    before the Worker is built so that ``bare_memory`` is the process without any weights.
+    """
+    import torch  # noqa: F401
+    import transformers
+    from transformers import AutoConfig
+
+    import evomerge.merge.engine  # noqa: F401
+
+    transformers.utils.logging.disable_progress_bar()
     try:
-        full = p.memory_full_info()
-        out["uss"] = full.uss
-        if hasattr(full, "pss"):
-            out["pss"] = full.pss
-    except (psutil.AccessDenied, OSError):  # pragma: no cover - platform dependent
+        from evomerge.merge._kernels import COMPILE_MIN_NUMEL, Kernels
+        from evomerge.sources import SourceModel
+
+        ref = SourceModel.open(spec.models[0], allow_pickle=spec.allow_pickle, base_dir=None if spec.base_dir is None else Path(spec.base_dir))
+        config = AutoConfig.from_pretrained(ref.path)
+        transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the architecture's module
+        kernels = Kernels()
+        if kernels.enabled and (kernels.force or max(math.prod(ref.shape(n)) for n in ref.tensor_names) >= COMPILE_MIN_NUMEL):
+            import torch._inductor.compile_fx  # noqa: F401 - the first merge compiles its kernels
+    except Exception:  # noqa: BLE001 - only a warm-up: the Worker reports real problems
         pass
+
+
+def _memory() -> dict[str, int]:
+    """This process's resident memory in bytes.
+
+    ``rss``; ``uss`` (pages no other process maps); ``pss`` (shared pages divided among
+    the processes mapping them); ``anon`` (private anonymous memory: heap, tensors; what
+    the process costs beyond the page cache it shares: memory-mapped sources and task
+    vectors are file pages and do not count, unless written to). Linux gives all four.
+    """
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip().endswith("kB")}
+        out = {
+            "rss": fields["Rss"],
+            "pss": fields["Pss"],
+            "uss": fields["Private_Clean"] + fields["Private_Dirty"],
+            "anon": fields["Anonymous"],
+        }
+    except (OSError, KeyError, ValueError, IndexError):
+        import psutil
+
+        out = {"rss": psutil.Process().memory_info().rss}
     return out
 
 
@@ -168,6 +242,7 @@ class _Actor:
     ready_ref: Any
     running: Optional[tuple[_Task, Any, float]] = None  # task, result ref, dispatched at
     worker_id: Optional[str] = None
+    info: Optional[dict] = None  # the actor's info() once it has answered
     busy_seconds: float = 0.0  # time inside Worker.run, all copies counted
     jobs: int = 0
 
@@ -232,6 +307,7 @@ class RayExecutor:
         self._results: queue.Queue[JobResult] = queue.Queue()
         self._outstanding = 0  # submitted, not yet returned by poll, not cancelled
         self._durations: list[float] = []
+        self._start_failures = 0  # replacements in a row that died before they were up
         self._busy_total = 0.0
         self._stop = threading.Event()
         self._thread_error: Optional[BaseException] = None
@@ -257,9 +333,14 @@ class RayExecutor:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=bool(dashboard), **kwargs)
-        except ConnectionError as exc:
-            raise ConfigError(f"executor.ray_address {address!r}: cannot join the Ray cluster ({_one_line(exc, 200)})") from None
+                level = logging.INFO if dashboard else logging.WARNING  # INFO prints the dashboard's address
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=bool(dashboard), logging_level=level, **kwargs)
+        except (ConnectionError, ray.exceptions.RaySystemError, RuntimeError, ValueError) as exc:
+            if not address:
+                raise
+            why = _one_line(exc, 160) + (f": {_one_line(exc.__cause__, 300)}" if exc.__cause__ else "")
+            hint = " (the cluster uses token authentication: set RAY_AUTH_MODE=token)" if "auth" in why.lower() else ""
+            raise ConfigError(f"executor.ray_address {address!r}: cannot join the Ray cluster ({why}){hint}") from None
         self._own_ray = True
 
     def _disconnect(self) -> None:
@@ -308,7 +389,7 @@ class RayExecutor:
         except _DEATHS + (rex.RayTaskError,) as exc:
             raise EvomergeError(f"executor: a Ray worker failed to start: {_reason(exc)}") from None
         for actor, info in zip(refs.values(), infos):
-            actor.worker_id = info["worker_id"]
+            actor.info, actor.worker_id = info, info["worker_id"]
 
     # ------------------------------------------------------------------ protocol
     def submit(self, job: Job) -> None:
@@ -383,6 +464,39 @@ class RayExecutor:
             actors = list(self._actors.values())
         return list(ray.get([a.ready_ref for a in actors], timeout=timeout))
 
+    def running_jobs(self) -> list[dict[str, Any]]:
+        """What each busy actor runs now: trial, kind, worker id, pid (once known), seconds so far."""
+        now = time.monotonic()
+        out = []
+        with self._lock:
+            for a in self._actors.values():
+                if a.running is None:
+                    continue
+                task, _, since = a.running
+                info = self._info(a)
+                out.append(
+                    {
+                        "trial": task.job.trial,
+                        "kind": task.job.kind,
+                        "worker_id": a.worker_id,
+                        "pid": info["pid"] if info else None,
+                        "seconds": now - since,
+                        "backup": task.copies > 1,
+                    }
+                )
+        return out
+
+    def _info(self, actor: _Actor) -> Optional[dict]:
+        if actor.info is None:
+            ready, _ = ray.wait([actor.ready_ref], timeout=0)
+            if ready:
+                try:
+                    actor.info = ray.get(actor.ready_ref)
+                    actor.worker_id = actor.info["worker_id"]
+                except Exception:  # noqa: BLE001 - it died starting; the job's error says so
+                    return None
+        return actor.info
+
     def worker_memory(self, timeout: float = 60) -> list[dict[str, Any]]:
         """Resident memory of every live actor, measured inside it (rss, uss, pss bytes)."""
         with self._lock:
@@ -401,7 +515,27 @@ class RayExecutor:
             raise EvomergeError(f"executor: the Ray dispatcher stopped: {_one_line(self._thread_error, 300)}")
 
     def _idle(self) -> list[_Actor]:
-        return [a for a in self._actors.values() if a.running is None]
+        """Actors that have started and run nothing. Lock held.
+
+        A replacement is not given work before it is up, so a retried job goes to whichever
+        actor frees up first instead of waiting for the newcomer to load its model.
+        """
+        starting = [a for a in self._actors.values() if a.info is None]
+        if starting:
+            ready, _ = ray.wait([a.ready_ref for a in starting], num_returns=len(starting), timeout=0)
+            for a in starting:
+                if a.ready_ref not in ready:
+                    continue
+                try:
+                    a.info = ray.get(a.ready_ref)
+                    a.worker_id = a.info["worker_id"]
+                    self._start_failures = 0
+                except _DEATHS + (rex.RayTaskError,) as exc:  # died while starting: try another
+                    self._start_failures += 1
+                    if self._start_failures > 2 * self.workers:
+                        raise EvomergeError(f"executor: Ray workers keep dying while they start: {_reason(exc)}") from None
+                    self._replace(a, exc)
+        return [a for a in self._actors.values() if a.running is None and a.info is not None]
 
     def _dispatch(self) -> None:
         """Queue head -> idle actors; then backups for stragglers when actors are still idle. Lock held."""
@@ -425,8 +559,8 @@ class RayExecutor:
         task.copies += 1
 
     def _backup(self, idle: list[_Actor]) -> None:
-        if len(self._durations) < 2:
-            return
+        if not self._durations:
+            return  # no idea yet how long a job takes
         limit = max(self.straggler_min_seconds, self.straggler_factor * statistics.median(self._durations[-50:]))
         now = time.monotonic()
         lonely = sorted(
@@ -448,7 +582,7 @@ class RayExecutor:
                     if not refs:
                         self._dispatch()
                 if not refs:
-                    time.sleep(0.01)
+                    time.sleep(0.02)
                     continue
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.05)
                 with self._lock:
@@ -496,6 +630,7 @@ class RayExecutor:
 
     def _deliver(self, task: _Task, result: JobResult) -> None:
         task.done = True
+        result.retries = task.deaths  # type: ignore[attr-defined] - times its worker died under it
         self.window[1] = time.monotonic()
         self._results.put(result)
 
@@ -513,7 +648,7 @@ class RayExecutor:
             pass
         if not self._stop.is_set():
             new = self._spawn()
-            new.worker_id = f"ray-{new.index}"  # completed by its info() when it answers
+            new.worker_id = f"ray-{new.index}"  # completed by its info() once it is up
 
     def _kill_all(self) -> None:
         for a in list(self._actors.values()):
@@ -538,7 +673,7 @@ def _reason(exc: BaseException) -> str:
     for marker in ("Worker exit detail:", "error raised in its creation task", "The actor is dead because"):
         at = text.find(marker)
         if at >= 0:
-            detail = " ".join(text[at:].split())[:240]
+            detail = " ".join(text[at:].split(" Some common causes")[0].split())[:240]
             break
     head = " ".join(text.split("\n")[0].split())[:160]
     return f"{type(exc).__name__}: {head}" + (f" ({detail})" if detail and detail not in head else "")
