@@ -190,18 +190,27 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         description="Rebuild a trial's merged model from its stored recipe (same folder format as merge).",
     )
     p.add_argument("run_dir", type=Path, help="the run folder (runs/<name>)")
-    p.add_argument("--trial", type=int, required=True, help="trial number (see evomerge status)")
+    p.add_argument("--trial", type=_trial_ref, required=True, help="trial number (see evomerge status), or 'best': the front member with the best mean of the objectives")
     p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
     p.set_defaults(handler=_run_export)
 
 
+def _trial_ref(text: str) -> int | str:
+    if text == "best":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a trial number or 'best', got {text!r}") from None
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from evomerge.export import export
 
     summary = export(args.run_dir, args.trial, args.out, overwrite=args.overwrite, storage=args.storage)
-    print(f"wrote trial {args.trial} ({summary['merge_method']}, {summary['n_tensors']} tensors) -> {summary['out']}")
+    print(f"wrote trial {summary['trial']} ({summary['merge_method']}, {summary['n_tensors']} tensors) -> {summary['out']}")
     return 0
 
 
@@ -337,6 +346,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     al.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="mudsc alpha grid (default: 0,0.25,0.5,0.75,1)")
     al.add_argument("--steps", type=int, default=3, help="points on each path, endpoints included (default: 3)")
     al.add_argument("--limit", type=int, help="test examples per skill (zoo only; default: all)")
+    al.add_argument("--search", action="store_true", help="also run the same search over two independently initialized specialists with and without alignment (zoo only)")
+    al.add_argument("--skills", default="add,reverse", help="with --search: A's skill (from base) and B's (fine-tuned from base_alt) (default: add,reverse)")
+    al.add_argument("--trials", type=int, default=60, help="with --search: trials per search (default: 60)")
+    al.add_argument("--seeds", default="0,1,2", help="with --search: one search of each kind per seed (default: 0,1,2)")
+    al.add_argument("--workdir", type=Path, default=Path("runs/bench_align"), help="with --search: where B and the runs go (default: runs/bench_align)")
     al.add_argument("--json", action="store_true", help="print JSON")
     al.set_defaults(handler=_run_bench_align)
 
@@ -359,6 +373,26 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--json", action="store_true", help="print JSON")
     se.set_defaults(handler=_run_bench_search)
 
+    qu = bsub.add_parser(
+        "quality",
+        help="searched merges vs specialists, uniform average, task arithmetic, TIES, DARE-TIES on held-out data",
+        description="On the offline zoo, score on the test split: each specialist, the base, the uniform "
+        "average, task arithmetic with the best lambda of a 0.1-step grid (chosen on validation), TIES and "
+        "DARE-TIES with mergekit's defaults and with density 0.5; then run one search per optimizer (on "
+        "validation) and add its front members best per skill and best on the mean, with the margins.",
+    )
+    qu.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
+    qu.add_argument("--skills", default="reverse,count", help="zoo skills merged, comma-separated (default: reverse,count)")
+    qu.add_argument("--optimizers", default="nsga2,cma", help="one search per optimizer, comma-separated (default: nsga2,cma)")
+    qu.add_argument("--trials", type=int, default=100, help="trials per search (default: 100)")
+    qu.add_argument("--executor", choices=["serial", "ray"], default="serial", help="where candidates run (default: serial)")
+    qu.add_argument("--workers", type=int, default=1, help="parallel workers of each search (default: 1)")
+    qu.add_argument("--seed", type=int, default=0, help="seed of every search (default: 0)")
+    qu.add_argument("--runs-dir", type=Path, default=None, help="keep the searches' run folders here (default: a temp folder)")
+    qu.add_argument("--limit", type=int, default=None, help="examples per skill and split, for a quick look (default: all 500)")
+    qu.add_argument("--json", action="store_true", help="print JSON")
+    qu.set_defaults(handler=_run_bench_quality)
+
     ev = bsub.add_parser(
         "evaluate",
         help="evaluator speed on a zoo model: lm_eval first vs later calls, dataset 500 examples",
@@ -380,6 +414,29 @@ def _run_bench_evaluate(args: argparse.Namespace) -> int:
     result = bench_evaluate(zoo_dir=args.zoo, skill=args.skill, repeats=args.repeats, threads=args.threads, progress=not args.json)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
+
+
+def _run_bench_quality(args: argparse.Namespace) -> int:
+    from evomerge.bench.quality import bench_quality, format_table
+
+    result = bench_quality(
+        zoo_dir=args.zoo,
+        skills=_names(args.skills),
+        optimizers=_names(args.optimizers),
+        trials=args.trials,
+        executor=args.executor,
+        workers=args.workers,
+        seed=args.seed,
+        runs_dir=args.runs_dir,
+        limit=args.limit,
+        progress=not args.json,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _run_bench_search(args: argparse.Namespace) -> int:
@@ -420,14 +477,25 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
 
 def _run_bench_align(args: argparse.Namespace) -> int:
     from evomerge.align.resolve import resolve_data, resolve_evaluator
-    from evomerge.bench.align import bench_align, format_table
+    from evomerge.bench.align import bench_align, bench_align_search, format_table
+    from evomerge.errors import ConfigError
 
+    if args.search and (args.reference or args.model):
+        raise ConfigError("bench align --search runs on the zoo only; leave out --reference and --model")
+    seeds = [int(x) for x in _floats(args.seeds, "--seeds")]
+    skills = [s.strip() for s in args.skills.split(",") if s.strip()]
+    if args.search and len(skills) != 2:
+        raise ConfigError(f"--skills: give two skills, A's and B's (got {args.skills!r})")
     evaluators = [resolve_evaluator(args.evaluator)] if args.evaluator else None
     data = resolve_data(args.data) if args.data else None
     result = bench_align(
         zoo_dir=args.zoo, reference=args.reference, model=args.model, evaluators=evaluators, data=data,
         alphas=_floats(args.alphas, "--alphas"), steps=args.steps, limit=args.limit, progress=not args.json,
     )
+    if args.search:
+        result["search"] = bench_align_search(
+            zoo_dir=args.zoo, work_dir=args.workdir, skills=skills, trials=args.trials, seeds=seeds, progress=not args.json,
+        )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -535,18 +603,44 @@ def _run_interpolate(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the demo: build the offline zoo and merge it",
-        description="Build (or reuse) a small offline model family and merge it with "
-        "a mergekit-compatible recipe, then load the result with transformers.",
+        help="the tour: build the offline zoo, search merges of two skills, compare with the usual recipes",
+        description="Build (or reuse) the offline zoo, run a multi-objective search (NSGA-II, one "
+        "objective per skill) over TIES merges of two specialists on Ray workers, scored on validation; "
+        "then print a table on the held-out test split: each specialist, the base, the uniform average, "
+        "task arithmetic with the best lambda of a grid, TIES and DARE-TIES, and the searched front "
+        "members, with margins. Leaves runs/demo/ (study, Pareto models, plots, quality.json, status.txt). "
+        "A second call continues the same run.",
     )
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run folders go (default: runs)")
+    p.add_argument("--trials", type=int, default=100, help="search budget in trials (default: 100)")
+    p.add_argument("--workers", type=int, default=2, help="Ray workers evaluating candidates in parallel (default: 2)")
+    p.add_argument("--executor", choices=["ray", "serial"], help="where candidates run (default: ray; a continued run keeps its own)")
+    p.add_argument("--optimizer", default="nsga2", help="optimizer of the search: nsga2, cma, tpe, ... (default: nsga2)")
+    p.add_argument("--skills", default="reverse,count", help="the two (or more) zoo skills to merge (default: reverse,count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")
+    p.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the run folder demo/ goes (default: runs)")
+    p.add_argument("--fresh", action="store_true", help="delete runs/demo first instead of continuing it")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (progress and hints go away)")
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from evomerge.demo import demo
 
-    demo(runs_dir=args.runs_dir)
+    result = demo(
+        runs_dir=args.runs_dir,
+        zoo_dir=args.zoo,
+        skills=_names(args.skills),
+        trials=args.trials,
+        workers=1 if args.executor == "serial" else args.workers,
+        executor=args.executor,
+        optimizer=args.optimizer,
+        seed=args.seed,
+        fresh=args.fresh,
+        quiet=args.json,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -1,70 +1,163 @@
-"""``evomerge demo``: the example a new user runs first (``make demo``).
+"""``evomerge demo``: the first thing a new user runs (``make demo``).
 
-Builds (or reuses) a small model family offline, writes a TIES recipe for it, merges
-it with :func:`evomerge.merge.merge`, loads the result with transformers and shows
-the commands to go further.
+In one command and a few minutes on a laptop, offline:
+
+1. builds (or reuses) the zoo: a tiny base model and one specialist per skill;
+2. runs a multi-objective search (NSGA-II, one objective per skill) over TIES merges of
+   two specialists with per-layer weights, on Ray workers, scored on the validation split;
+3. scores the usual recipes on the held-out test split (specialists, base, uniform average,
+   task arithmetic with the best lambda of a grid, TIES and DARE-TIES) and prints them next
+   to the searched front members, with the margins;
+4. leaves ``runs/demo/`` as any search does (study, Pareto models, plots) plus
+   ``quality.json`` (the table) and ``status.txt``, and prints the commands to go further.
+
+A second call continues the same run up to ``trials`` (a resume) and prints the table
+again; ``fresh=True`` starts over.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
-from evomerge.merge import Recipe, merge
+from evomerge.bench.quality import DEFAULT_SKILLS, baseline_rows, format_table, quality_table, search_config, searched_rows, write_config
+from evomerge.errors import ConfigError
 
-DEMO_RECIPE = """\
-# A TIES merge of three fine-tunes of one base: per-layer weights (gradients) and
-# a different density for attention and MLP weights. `evomerge merge` and
-# mergekit-yaml both read this file.
-merge_method: ties
-base_model: {models}/base
-models:
-  - model: {models}/ft0
-    parameters:
-      weight: [0.2, 0.8]
-      density: 0.5
-  - model: {models}/ft1
-    parameters:
-      weight:
-        - {{filter: self_attn, value: 0.7}}
-        - {{value: 0.4}}
-      density: 0.6
-  - model: {models}/ft2
-    parameters:
-      weight: 0.5
-      density: [0.3, 0.7]
-parameters:
-  normalize: true
-dtype: float32
-"""
+RUN_NAME = "demo"
 
 
-def demo(runs_dir: Path = Path("runs"), *, quiet: bool = False) -> dict[str, Any]:
-    """Run the example merge under ``runs_dir/demo``; returns a summary."""
-    import torch
+def demo(
+    *,
+    runs_dir: Path = Path("runs"),
+    zoo_dir: Path = Path("zoo"),
+    skills: Sequence[str] = DEFAULT_SKILLS,
+    trials: int = 100,
+    workers: int = 2,
+    executor: Optional[str] = None,
+    optimizer: str = "nsga2",
+    seed: int = 0,
+    fresh: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the demo; returns the quality table (as ``bench quality`` does) plus the run's paths."""
+    from evomerge.bench.quality import _check_skills
+    from evomerge.study import CONFIG_NAME, SearchRun
+    from evomerge.zoo import zoo
+
+    if trials < 1 or workers < 1:
+        raise ConfigError(f"demo: --trials and --workers must be at least 1 (got {trials} and {workers})")
+    say = (lambda *a: None) if quiet else print
+    t0 = time.monotonic()
+    say(f"[1/4] zoo: a tiny base model and one specialist per skill, in {zoo_dir} (built once, offline)")
+    z = zoo(zoo_dir, progress=not quiet)
+    _check_skills(z, skills)
+    say(f"      {'reused' if z.reused else 'built in %.0f s' % z.build_seconds}: specialists {', '.join(z.skills)}")
+
+    run_dir = Path(runs_dir) / RUN_NAME
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if (run_dir / CONFIG_NAME).is_file():
+        say(f"[2/4] search: continuing {run_dir} up to {trials} trials (--fresh starts over)")
+        run = SearchRun.open(run_dir)
+        _check_same_zoo(run, z)
+    else:
+        say(f"[2/4] search: {optimizer} over {len(skills)} objectives ({', '.join(f'{s}/accuracy' for s in skills)}), "
+            f"{trials} trials, {workers} {executor or 'ray'} worker{'s' if workers > 1 else ''}, scored on validation")  # fmt: skip
+        data = search_config(z, skills, optimizer=optimizer, trials=trials, workers=workers, executor=executor or "ray", seed=seed)
+        path = write_config(data, Path(runs_dir), RUN_NAME)
+        try:
+            run = SearchRun.create(path, runs_dir=Path(runs_dir), name=RUN_NAME)
+        finally:
+            path.unlink()
+    ex = None
+    if executor is not None and executor != run.config.executor.kind:  # a continued run keeps its executor unless told
+        from evomerge.execute import build_executor
+
+        options = run.config.executor.ray_options() if executor == "ray" else {}
+        ex = build_executor(executor, run.worker_spec(), workers=workers, **options)
+    try:
+        summary = run.run(trials=trials, workers=workers, executor=ex, progress=not quiet)
+    finally:
+        if ex is not None:
+            ex.shutdown()
+    say(f"      {summary['n_complete']} complete, {summary['n_failed']} failed; front of {len(summary['pareto'])} models in {run_dir / 'pareto'}")
+
+    say("[3/4] baselines: the usual recipes, scored on the held-out test split")
+    rows = _baselines(run_dir, z, skills, quiet)
+    rows.extend(searched_rows(run_dir, skills, "searched"))
+    result = quality_table(rows, skills)
+    result.update(run_dir=str(run_dir), zoo=str(z.root), trials=trials, n_complete=summary["n_complete"], optimizer=run.config.optimizer.name)
+    _write_text(run_dir / "quality.json", json.dumps(result, indent=2))
+    table = format_table(result)
+    _write_text(run_dir / "quality.txt", table + "\n")
+    say("")
+    say(table)
+    say(_verdict(result))
+
+    say("[4/4] the run folder")
+    from evomerge.status import format_status, status
+
+    _write_text(run_dir / "status.txt", format_status(status(run_dir)) + "\n")
+    best = next((r for r in rows if r["name"] == "searched: best mean"), None)
+    if best is not None and best.get("path"):
+        result["loaded"] = _load(Path(best["path"]))
+        say(f"      {best['path']} loads with transformers: {result['loaded']}")
+    for name in ("pareto.json", "quality.txt", "status.txt", "pareto_front.png", "hypervolume.png", "coefficients.png"):
+        if (run_dir / name).exists():
+            say(f"      {run_dir / name}")
+    say(f"done in {time.monotonic() - t0:.0f} s. Next:")
+    trial = best["trial"] if best else "N"
+    for cmd, why in [
+        (f"evomerge status {run_dir}", "counts, best values, the front, throughput"),
+        (f"evomerge dashboard {run_dir}", "optuna-dashboard on the study (http://127.0.0.1:8080)"),
+        (f"evomerge export {run_dir} --trial {trial} --out my-merge", "a front member as a Hugging Face folder"),
+        (f"evomerge resume {run_dir} --trials {trials + 50}", "search 50 trials more, where it stopped"),
+        (f"cat {run_dir / 'config.yaml'}", "the run config, to adapt to your own models"),
+    ]:
+        say(f"  {cmd:<58} # {why}")
+    return result
+
+
+def _baselines(run_dir: Path, z: Any, skills: Sequence[str], quiet: bool) -> list[dict[str, Any]]:
+    """The baseline rows, computed once per zoo and skills and kept in the run folder."""
+    cache = run_dir / "baselines.json"
+    key = {"zoo": z.fingerprint, "skills": list(skills)}
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["rows"]
+    rows = baseline_rows(z, skills, progress=not quiet)
+    _write_text(cache, json.dumps({"key": key, "rows": rows}, indent=2))
+    return rows
+
+
+def _check_same_zoo(run: Any, z: Any) -> None:
+    base = Path(run.config.sources.base_model or "")
+    if base.resolve() != Path(z.base).resolve():
+        raise ConfigError(f"{run.run_dir} was searched on models in {base.parent}, not on the zoo in {z.root}; rerun with --fresh")
+
+
+def _verdict(result: dict[str, Any]) -> str:
+    if "best_searched" not in result:
+        return "no searched member has held-out scores yet"
+    m = result["margins"]
+    parts = [f"{r['name']} {m[r['name']]:+.3f}" for r in result["rows"] if r["kind"] == "baseline"]
+    word = "beats" if result.get("beats_baselines") else "does NOT beat every one of"
+    return f"the best searched mean {word} the baselines; margins on test: " + ", ".join(parts)
+
+
+def _load(folder: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge._testing import llama_config, write_family
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    AutoTokenizer.from_pretrained(folder)
+    return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
 
-    say = (lambda *a: None) if quiet else print
-    root = Path(runs_dir) / "demo"
-    models = root / "models"
-    if not (models / "ft2" / "model.safetensors").is_file():
-        say(f"building a small model family in {models} ...")
-        write_family(models, 3, seed=0, cfg=llama_config(hidden=64, intermediate=128, layers=4, vocab=100))
-    recipe_path = root / "recipe.yaml"
-    recipe_path.write_text(DEMO_RECIPE.format(models=models.resolve()))
-    Recipe.from_yaml(recipe_path)  # validate before announcing anything
-    out = root / "merged"
-    summary = merge(recipe_path, out, overwrite=True, progress=not quiet)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    with torch.no_grad():
-        logits = model(**tokenizer("hello", return_tensors="pt")).logits
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"merged {summary['n_tensors']} tensors with {summary['merge_method']} in {summary['seconds']:.2f} s")
-    say(f"loaded {out} with transformers: {type(model).__name__}, {n_params:,} parameters, logits {tuple(logits.shape)}")
-    say("next:")
-    say(f"  cat {recipe_path}                      # the recipe (mergekit format)")
-    say(f"  evomerge merge {recipe_path} --out merged2   # merge it again")
-    return dict(summary, recipe=str(recipe_path), n_params=n_params)
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -11,7 +11,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from evomerge.errors import MergeError
 
@@ -68,8 +68,12 @@ def model_card(recipe_yaml: str, *, base_model: Optional[str], models: list[str]
     return "\n".join(lines)
 
 
-def export(run_dir: Path, trial: int, out: Path, *, overwrite: bool = False, storage: Optional[str] = None) -> dict:
-    """Write one trial's merged model (any trial of the study, not only front members)."""
+def export(run_dir: Path, trial: Union[int, str], out: Path, *, overwrite: bool = False, storage: Optional[str] = None) -> dict:
+    """Write one trial's merged model (any trial of the study, not only front members).
+
+    ``trial="best"`` picks the Pareto front member with the highest mean of its objective
+    values (each sign-adjusted so that higher is better), as the report plots do.
+    """
     from optuna.trial import TrialState
 
     from evomerge.merge.engine import MergeEngine
@@ -81,6 +85,14 @@ def export(run_dir: Path, trial: int, out: Path, *, overwrite: bool = False, sto
     run = SearchRun.open(run_dir, storage=storage)
     study = run.load_study()
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial == "best":
+        from evomerge.pareto import Constraint, ParetoArchive, best_mean
+
+        constraints = [Constraint(c.metric, c.min, c.max) for c in run.config.constraints]
+        best = best_mean(ParetoArchive(run.run_dir, run.objectives, constraints=constraints).front(list(trials.values())), run.objectives)
+        if best is None:
+            raise MergeError(f"run {run.name} has no complete trial yet; nothing to export")
+        trial = best.number
     if trial not in trials:
         raise MergeError(f"run {run.name} has no trial {trial} (trials 0 to {max(trials, default=-1)})")
     t = trials[trial]
@@ -89,4 +101,4 @@ def export(run_dir: Path, trial: int, out: Path, *, overwrite: bool = False, sto
     if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
         raise MergeError(f"trial {trial} is {t.state.name}, not a scored candidate")
     engine = MergeEngine(run.sources)
-    return engine.write(Recipe.from_dict(t.user_attrs[RECIPE_ATTR]), Path(out), overwrite=overwrite)
+    return dict(engine.write(Recipe.from_dict(t.user_attrs[RECIPE_ATTR]), Path(out), overwrite=overwrite), trial=trial)

@@ -94,6 +94,14 @@ def hypervolume(points: Sequence[Sequence[float]], objectives: Sequence[Objectiv
     return float(compute_hypervolume(inside, ref))
 
 
+def best_mean(front: Sequence[Any], objectives: Sequence[Objective]) -> Any:
+    """The front member with the highest mean of its sign-adjusted objective values (None if empty)."""
+    if not front:
+        return None
+    signs = np.array([1.0 if o.direction == "maximize" else -1.0 for o in objectives])
+    return max(front, key=lambda t: float(np.mean(np.array(t.user_attrs[OBJECTIVES_ATTR]) * signs)))
+
+
 class ParetoArchive:
     """Keeps ``run_dir/pareto/`` and ``run_dir/pareto.json`` equal to the study's front."""
 

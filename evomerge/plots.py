@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.pareto import OBJECTIVES_ATTR
+from evomerge.pareto import OBJECTIVES_ATTR, best_mean
 
 ARTIFACTS = "artifacts"
 
@@ -58,7 +58,7 @@ def save_plots(run: Any, study: Any, front: Sequence[Any]) -> list[Path]:
     ax.set_title(f"{run.name}: hypervolume over trials")
     paths.append(_save(fig, run.run_dir / "hypervolume.png"))
 
-    best = _best_mean(front, run.objectives)
+    best = best_mean(front, run.objectives)
     rows, matrix = coefficient_matrix(run.space, best.params) if best is not None else ([], None)
     if matrix is not None and len(rows):
         fig, ax = plt.subplots(figsize=(max(5, 0.45 * matrix.shape[1] + 3), 0.35 * len(rows) + 1.8))
@@ -84,13 +84,6 @@ def coefficient_matrix(space: Any, params: dict[str, float]) -> tuple[list[str],
     if not rows:
         return [], None
     return list(rows), np.vstack(list(rows.values()))
-
-
-def _best_mean(front: Sequence[Any], objectives: Sequence[Any]) -> Any:
-    if not front:
-        return None
-    signs = np.array([1.0 if o.direction == "maximize" else -1.0 for o in objectives])
-    return max(front, key=lambda t: float(np.mean(np.array(t.user_attrs[OBJECTIVES_ATTR]) * signs)))
 
 
 def _save(fig: Any, path: Path) -> Path:

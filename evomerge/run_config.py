@@ -132,6 +132,8 @@ class RunConfig(_Strict):
     reference_point: Optional[List[float]] = None
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     device: str = "cpu"
+    # the live model's dtype and that of written models (recipes' `dtype`); merging computes in float32
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     keep_pareto_models: bool = True
 
     @field_validator("evaluators", "objectives")

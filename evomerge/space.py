@@ -282,7 +282,7 @@ class SearchSpace:
         return f"model.layers.{layer}.{kind}.weight", t
 
     # ------------------------------------------------------------------ recipes
-    def to_recipe(self, params: dict[str, float], *, random_seed: Optional[int] = None) -> Recipe:
+    def to_recipe(self, params: dict[str, float], *, random_seed: Optional[int] = None, dtype: str = "float32") -> Recipe:
         """The mergekit recipe of one point of the space."""
         missing = [d.name for d in self.dimensions if d.name not in params]
         if missing:
@@ -310,7 +310,7 @@ class SearchSpace:
             entries.append(entry)
         if self.base_model and self.base_model not in self.models and self.base_model in per_model:
             entries.append({"model": self.base_model, "parameters": per_model[self.base_model]})
-        data: dict[str, Any] = {"merge_method": self.method.name, "models": entries, "dtype": "float32"}
+        data: dict[str, Any] = {"merge_method": self.method.name, "models": entries, "dtype": dtype}
         if self.base_model is not None:
             data["base_model"] = self.base_model
         if shared:

@@ -100,6 +100,11 @@ class SearchRun:
         for ev in data["evaluators"]:
             if (base_dir / ev["preset"]).is_file():
                 ev["preset"] = str((base_dir / ev["preset"]).resolve())
+            function = ev.get("options", {}).get("function")
+            if isinstance(function, str) and ":" in function:  # file.py:name next to the run config
+                target, fn_name = function.rsplit(":", 1)
+                if target.endswith(".py") and (base_dir / target).is_file():
+                    ev["options"]["function"] = f"{(base_dir / target).resolve()}:{fn_name}"
         data["seed_recipes"] = [str((base_dir / r).resolve()) if (base_dir / r).is_file() else r for r in data["seed_recipes"]]
         run_name = name or data.get("name") or config_path.stem
         data["name"] = run_name
@@ -243,6 +248,7 @@ class SearchRun:
             evaluators=tuple(self.evaluator_specs),
             allow_pickle=self.config.sources.allow_pickle,
             device=self.config.device,
+            dtype=self.config.dtype,
             threads=threads,
             cache_dir=str(self.run_dir / "cache"),
         )
@@ -251,7 +257,7 @@ class SearchRun:
         """Task vectors and statistics computed once, in files every worker maps."""
         from evomerge.merge.engine import MergeEngine
 
-        recipe = self.space.to_recipe(self.space.center(), random_seed=self.config.seed)
+        recipe = self.space.to_recipe(self.space.center(), random_seed=self.config.seed, dtype=self.config.dtype)
         MergeEngine(self.sources, cache_dir=self.run_dir / "cache").prepare(recipe, progress=progress)
 
     # ------------------------------------------------------------------ study
@@ -270,6 +276,7 @@ class SearchRun:
     def load_study(self) -> Any:
         import optuna
 
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "Using an existing study ..." on every open
         study = optuna.create_study(
             storage=self.storage(),
             study_name=self.name,
@@ -358,7 +365,7 @@ class SearchRun:
         return paths
 
     def _dispatch(self, trial: Any, pending: dict[int, _Pending], executor: Any) -> None:
-        recipe = self.space.to_recipe(trial.params, random_seed=self.config.seed).to_dict()
+        recipe = self.space.to_recipe(trial.params, random_seed=self.config.seed, dtype=self.config.dtype).to_dict()
         trial.set_user_attr(RECIPE_ATTR, recipe)
         stage = "screen" if self.config.fidelity is not None else "full"
         pending[trial.number] = _Pending(trial, recipe, stage)

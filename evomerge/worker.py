@@ -42,6 +42,7 @@ class WorkerSpec:
     evaluators: tuple[EvaluatorSpec, ...]
     allow_pickle: bool = False
     device: str = "cpu"
+    dtype: str = "float32"  # of the live model
     threads: Optional[int] = None
     base_dir: Optional[str] = None
     cache_dir: Optional[str] = None  # prepared task vectors shared by the workers of a node
@@ -89,7 +90,7 @@ class Worker:
         self.engine = MergeEngine(sources, device=spec.device, cache_dir=Path(spec.cache_dir) if spec.cache_dir else None)
         ref = sources[0]
         # The live model is loaded once; every candidate is merged into it in place.
-        self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32).to(spec.device)
+        self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, spec.dtype)).to(spec.device)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
         self._evaluators: dict[str, list[tuple[str, Any]]] = {}

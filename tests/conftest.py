@@ -34,3 +34,22 @@ def zoo():
 def zoo_dir(zoo):
     """The folder of the session's zoo (base, base_alt, one folder per skill, data/)."""
     return zoo.root
+
+
+@pytest.fixture(scope="session")
+def demo_run(zoo_dir, tmp_path_factory):
+    """`evomerge demo` with its defaults (100 trials, 2 Ray workers), run once per session.
+
+    Returns (runs folder, printed output). Tests that change the run work on a copy.
+    """
+    import contextlib
+    import io
+
+    from evomerge.cli import main
+
+    runs = tmp_path_factory.mktemp("demo") / "runs"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["demo", "--zoo", str(zoo_dir), "--runs-dir", str(runs)])
+    assert code == 0, out.getvalue()[-2000:]
+    return runs, out.getvalue()

@@ -169,6 +169,13 @@ def test_status_json_matches_the_study_and_export_matches_the_front(family, tmp_
     a = load_file(str(tmp_path / "exported" / "model.safetensors"))
     b = load_file(str(Path(member["path"]) / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # --trial best: the front member with the highest mean of the (maximized) objectives
+    best = max(status["pareto"], key=lambda m: sum(m["values"]) / len(m["values"]))
+    assert main(["export", str(run.run_dir), "--trial", "best", "--out", str(tmp_path / "best")]) == 0
+    assert f"wrote trial {best['trial']} " in capsys.readouterr().out
+    a = load_file(str(tmp_path / "best" / "model.safetensors"))
+    b = load_file(str(Path(best["path"]) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(

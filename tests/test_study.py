@@ -207,3 +207,20 @@ def test_front_members_are_rescored_on_the_holdout_split(family, tmp_path, monke
     for m in members:
         for metric, value in m["values"].items():
             assert m["holdout_values"][metric] == pytest.approx(value - 0.01)
+
+
+def test_bfloat16_run_scores_and_writes_bfloat16_models(family, tmp_path, distance_evaluators):
+    """`dtype: bfloat16`: the live model, the stored recipes and the Pareto folders are bfloat16."""
+    run = SearchRun.create(config(family, tmp_path, dtype="bfloat16", budget={"trials": 4}), runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    members = json.loads((run.run_dir / "pareto.json").read_text())["members"]
+    assert members and all(m["recipe"]["dtype"] == "bfloat16" for m in members)
+    for m in members:
+        tensors = load_file(str(Path(m["path"]) / "model.safetensors"))
+        assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    # scores were computed on a bfloat16 live model: the bfloat16 folder gives them back exactly
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(members[0]["path"], dtype=torch.bfloat16)
+    scores = DistanceEvaluator({"ft0": family[1], "ft1": family[2]}).evaluate(model, None)
+    assert [scores["ft0"], scores["ft1"]] == [members[0]["values"]["closeness/ft0"], members[0]["values"]["closeness/ft1"]]

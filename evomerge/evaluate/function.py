@@ -1,7 +1,8 @@
 """The ``python`` evaluator: a function of the model and tokenizer returns the metrics.
 
 ``function`` is ``module:function`` (an importable module) or ``file.py:function`` (a
-file, relative to the evaluator file). The function is called as
+file, relative to the evaluator file, else to the current folder; in a run config's
+``options``, relative to the run config). The function is called as
 ``fn(model, tokenizer, **options)``, plus ``limit=``, ``seed=`` and ``split=`` when its
 signature accepts them (a function without ``limit`` always scores everything), and returns ``{metric: float}`` with exactly the metrics
 the config declares (each with its direction, so objectives can be checked before
@@ -78,6 +79,8 @@ def _import(spec: str, base_dir: Path, where: str) -> Callable:
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target) if Path(target).is_absolute() else base_dir / target
+        if not path.is_file() and (Path.cwd() / target).is_file():
+            path = Path.cwd() / target  # a function given as an option, next to where the user runs
         if not path.is_file():
             raise ConfigError(f"{where}: function: file not found: {path}")
         mod_name = f"_evomerge_eval_{abs(hash(str(path.resolve())))}"

@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 from pathlib import Path
@@ -79,19 +81,15 @@ class LmEvalEvaluator(Evaluator):
 
     def _task_manager(self) -> Any:
         """The task index: the include_path folders alone when they hold every task (fast);
-        lm-eval's built-in tasks too otherwise (an index of thousands of files, built once)."""
-        from lm_eval.tasks import TaskManager
-
+        lm-eval's built-in tasks too otherwise (an index of thousands of files, built once
+        per process and folders)."""
         defaults = self.config.include_defaults
-        if defaults is None and self._include:
-            tm = TaskManager(include_path=self._include, include_defaults=False)
+        include = tuple(self._include or ())
+        if defaults is None and include:
+            tm = _task_index(include, False)
             if all(t in tm.task_index for t in self.config.tasks):
                 return tm
-        if defaults is False:
-            tm = TaskManager(include_path=self._include or None, include_defaults=False)
-        else:
-            tm = TaskManager(include_path=self._include or None, include_defaults=True)
-        return tm
+        return _task_index(include, defaults is not False)
 
     def _leaf_entries(self) -> dict[str, Any]:
         """Every leaf task named directly or through a group or tag, with its index entry."""
@@ -247,6 +245,13 @@ class LmEvalEvaluator(Evaluator):
 
 
 # ----------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=8)
+def _task_index(include: tuple[str, ...], defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(include) or None, include_defaults=defaults)
+
+
 def _memoize_requests(task: Any, keep: int = 8) -> None:
     """Build a task's requests once per document subset and reuse them.
 
