@@ -17,10 +17,21 @@ metric is at most half the unaligned one.
 On the zoo, the data are the skills in the generic form the bases were pretrained on
 (``add 47+8=``): activations and the choice of alpha use the validation split, the
 scores the test split; the primary metric is the loss on answer tokens.
+
+``diagnostics`` say why a barrier stays: the mean activation correlation of matched
+units (residual stream, MLP neurons) of B, and of a model fine-tuned from A for
+scale, and a control where a permutation is known to exist (A against a randomly
+permuted copy of A, which mudsc must bring back to a zero barrier).
+
+``--search`` (:func:`bench_align_search`) adds acceptance 4's comparison: the same
+search over two independently initialized specialists, with and without
+``sources.align``, reported on the held-out test split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -33,6 +44,7 @@ from evomerge.align.data import token_batches
 from evomerge.align.ensemble import EnsembleEvaluator
 from evomerge.align.lm_loss import LMLossEvaluator
 from evomerge.align.models import Endpoint, blend, check_alignable, load_into
+from evomerge.align.permutation import LlamaSpec
 from evomerge.errors import ConfigError
 from evomerge.interpolate import barriers
 
@@ -87,6 +99,7 @@ def zoo_setup(zoo_dir: Path, *, limit: Optional[int] = None, fit: int = 64) -> d
         "data": batches(pairs("validation", 0, fit)),
         "validation": LMLossEvaluator(batches(pairs("validation", fit, 2 * fit)), name="validation"),
         "evaluators": [LMLossEvaluator(batches(test), name="answers"), ExactMatch(test)],
+        "control": str(z.models[z.skills[0]]) if a == "base" and z.skills else None,  # fine-tuned from A
     }
 
 
@@ -106,9 +119,10 @@ def bench_align(
     start = time.perf_counter()
     log: Callable[[str], None] = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
     validation = None
+    control = None
     if reference is None and model is None:
         setup = zoo_setup(Path(zoo_dir), limit=limit)
-        reference, model, data = setup["reference"], setup["model"], setup["data"]
+        reference, model, data, control = setup["reference"], setup["model"], setup["data"], setup["control"]
         evaluators, validation = setup["evaluators"], setup["validation"]
     if reference is None or model is None:
         raise ConfigError("give both --reference and --model, or neither (the zoo's pair)")
@@ -171,6 +185,11 @@ def bench_align(
     unaligned = unaligned_row["midpoint_barrier"][primary]
     chosen = rows[-1]["midpoint_barrier"][primary]
     ratio = chosen / unaligned if unaligned > 0 else float("nan")
+    why: dict[str, Any] = {}
+    if act is not None:
+        log("diagnostics: matched unit correlations, and a randomly permuted copy of A")
+        why["matched_unit_correlation"] = _unit_correlations(ea, eb, act, data, tok, control)
+        why["permuted_copy_of_A"] = _permuted_copy(ea, data, alphas, validation, tok, primary, score, ends[0], directions)
     return {
         "reference": ea.ref,
         "model": eb.ref,
@@ -185,6 +204,7 @@ def bench_align(
             "ratio": ratio,
             "pass": bool(unaligned > 0 and chosen <= 0.5 * unaligned),
         },
+        "diagnostics": why,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -207,6 +227,268 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(
         f"midpoint barrier on {c['metric']}: {c['unaligned_midpoint_barrier']:.4f} unaligned, "
         f"{c['mudsc_midpoint_barrier']:.4f} after mudsc (ratio {c['ratio']:.3f}; at most 0.5 passes): "
+        + ("PASS" if c["pass"] else "FAIL")
+    )
+    d = result.get("diagnostics") or {}
+    for who, corr in d.get("matched_unit_correlation", {}).items():
+        lines.append(f"mean activation correlation of matched units, A vs {who}: residual {corr['residual']:.3f}, MLP {corr['mlp']:.3f}")
+    pc = d.get("permuted_copy_of_A")
+    if pc:
+        lines.append(
+            f"control, A vs a randomly permuted copy of A: midpoint barrier {pc['unaligned_midpoint_barrier']:.4f} unaligned, "
+            f"{pc['mudsc_midpoint_barrier']:.4f} after mudsc (alpha {pc['mudsc_alpha']:g})"
+        )
+    if result.get("search"):
+        lines += ["", format_search_table(result["search"])]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- why (diagnostics)
+def matched_correlations(act: dict[str, Any], perms: Any) -> dict[str, float]:
+    """Mean activation correlation of each unit of A with the unit of B matched to it.
+
+    ``residual`` and ``mlp`` (averaged over layers) use the permutations' gather
+    indices directly; 1.0 means every unit has an exact twin, about 0 none at all.
+    """
+    res = act["residual"].corr()
+    out = {"residual": float(res[torch.arange(res.shape[0]), perms.residual].mean())}
+    mlp = [act[f"mlp.{n}"].corr() for n in range(len(perms.mlp))]
+    out["mlp"] = float(sum(float(c[torch.arange(c.shape[0]), p].mean()) for c, p in zip(mlp, perms.mlp)) / max(1, len(mlp)))
+    return out
+
+
+def _unit_correlations(ea: Endpoint, eb: Endpoint, act: dict[str, Any], data: Any, tok: Any, control: Optional[str]) -> dict[str, Any]:
+    """How alike the two models' units are after activation matching (and, for scale,
+    a model fine-tuned from A: the same initialization)."""
+    from evomerge.align.matching import match_permutations
+
+    spec = check_alignable(ea, eb)
+    out: dict[str, Any] = {}
+    match = match_permutations(spec, ea.state, eb.state, alpha=0.0, activations=act)
+    out["B (independent init)"] = matched_correlations(act, match.permutations)
+    if control is not None:
+        ec = Endpoint.load(control)
+        act_c = activation_moments(ea.module(), ec.module(), token_batches(data, tok))
+        match_c = match_permutations(spec, ea.state, ec.state, alpha=0.0, activations=act_c)
+        out[f"{Path(ec.ref).name} (fine-tuned from A)"] = matched_correlations(act_c, match_c.permutations)
+    return out
+
+
+def _permuted_copy(ea: Endpoint, data: Any, alphas: Sequence[float], validation: Any, tok: Any, primary: str, score: Callable, end: dict, directions: dict) -> dict[str, Any]:
+    """The control where a permutation is known to exist: A against A with random
+    permutations of every kind; mudsc must bring the midpoint barrier back to 0."""
+    from evomerge.align.permutation import apply_permutations, random_permutations
+
+    spec = LlamaSpec.from_config(ea.config, where=ea.ref)
+    moved = apply_permutations(ea.state, spec, random_permutations(spec, torch.Generator().manual_seed(0)))
+    copy_b = ea.scratch()
+    load_into(copy_b, moved)
+    eb = Endpoint.load(copy_b)
+    act = activation_moments(ea.module(), copy_b, token_batches(data, tok))
+    res = align_models(ea, eb, method="mudsc", data=data, alphas=alphas, validation=validation, tokenizer=tok, activations=act)
+    scratch = ea.scratch()
+    out: dict[str, Any] = {"mudsc_alpha": res.alpha}
+    for name, state in (("unaligned", moved), ("mudsc", res.state_dict)):
+        load_into(scratch, blend(ea.state, state, 0.5))
+        mid = score(scratch)[primary]
+        sign = 1.0 if directions[primary] == "minimize" else -1.0
+        out[f"{name}_midpoint_barrier"] = sign * (mid - end[primary]) + 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------- search with and without alignment
+ALIGN_SEARCH_SPACE = "linear_layerwise"
+
+
+def alt_specialist(zoo_dir: Path, skill: str, work_dir: Path) -> Path:
+    """``skill`` fine-tuned from the zoo's ``base_alt`` with the zoo's own specialist recipe.
+
+    Written to ``work_dir/base_alt_<skill>`` (never into the zoo folder) and reused
+    while it was made from the same zoo build (its fingerprint is recorded next to it).
+    """
+    import json
+    import os
+    import shutil
+
+    from evomerge.zoo import BASE_ALT, ZooRecipe, _train_specialist, load_zoo
+
+    z = load_zoo(zoo_dir)
+    assert z is not None
+    if skill not in z.skills:
+        raise ConfigError(f"bench align --search: unknown skill {skill!r} (the zoo has: {', '.join(z.skills)})")
+    out = Path(work_dir) / f"{BASE_ALT}_{skill}"
+    stamp = out / "made_from.json"
+    want = {"zoo": z.fingerprint, "base": BASE_ALT, "skill": skill}
+    try:
+        if json.loads(stamp.read_text()) == want and (out / "model.safetensors").is_file():
+            return out
+    except (OSError, ValueError):
+        pass
+    raw = dict(z.manifest["recipe"])
+    recipe = ZooRecipe(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v for k, v in raw.items()})
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _train_specialist(recipe, skill, str(z.models[BASE_ALT]), str(z.data_file(skill, "train")), str(tmp))
+        (tmp / "made_from.json").write_text(json.dumps(want) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def align_search_config(models: Sequence[str], skills: Sequence[str], *, align: Optional[dict[str, Any]], trials: int, seed: int = 0) -> dict[str, Any]:
+    """A zoo search over ``models`` (no base): scored on validation, front re-scored on test."""
+    sources: dict[str, Any] = {"models": [str(m) for m in models]}
+    if align is not None:
+        sources["align"] = dict(align)
+    return {
+        "sources": sources,
+        "search_space": ALIGN_SEARCH_SPACE,
+        "evaluators": [{"preset": f"zoo_{s}", "name": s, "split": "validation", "holdout_split": "test"} for s in skills],
+        "objectives": [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills],
+        "scalarization": {"kind": "weighted_sum", "weights": [1.0 / len(skills)] * len(skills)},
+        "optimizer": {"name": "cma", "options": {"popsize": 8}},
+        "budget": {"trials": trials},
+        "seed": seed,
+        "executor": {"kind": "serial", "workers": 1},
+        "keep_pareto_models": False,
+    }
+
+
+def bench_align_search(
+    *,
+    zoo_dir: Path = Path("zoo"),
+    work_dir: Path = Path("runs/bench_align"),
+    skills: Sequence[str] = ("add", "reverse"),
+    method: str = "mudsc",
+    trials: int = 60,
+    seeds: Sequence[int] = (0, 1, 2),
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The same search over two independently initialized specialists, with and without alignment.
+
+    Model A is the zoo's ``skills[0]`` specialist (fine-tuned from ``base``), model B
+    ``skills[1]`` fine-tuned from ``base_alt`` (see :func:`alt_specialist`). Both
+    searches (CMA-ES on the mean validation accuracy of the two skills, ``trials``
+    trials, serial) run once per seed; the aligned one adds
+    ``sources.align: {method, data, to: first}`` (activation data: the skills'
+    validation prompts with answers). Reported: the test accuracy of the member best
+    on validation, for each search and seed, their mean over seeds, and the endpoints.
+    """
+    import json
+    import shutil
+
+    import yaml
+
+    from evomerge.study import SearchRun
+    from evomerge.zoo import load_zoo, zoo
+
+    start = time.perf_counter()
+    log: Callable[[str], None] = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
+    if len(skills) != 2:
+        raise ConfigError(f"bench align --search: give two skills (A's and B's), got {len(skills)}")
+    if trials < 1:
+        raise ConfigError(f"bench align --search: --trials must be at least 1, got {trials}")
+    if not seeds:
+        raise ConfigError("bench align --search: no seeds")
+    z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)
+    for s in skills:
+        if s not in z.skills:
+            raise ConfigError(f"bench align --search: unknown skill {s!r} (the zoo has: {', '.join(z.skills)})")
+    work_dir = Path(work_dir).absolute()
+    a = z.models[skills[0]]
+    log(f"fine-tuning {skills[1]} from base_alt into {work_dir} (reused when present)")
+    b = alt_specialist(z.root, skills[1], work_dir)
+    data_file = work_dir / "align_data.jsonl"
+    rows = [{"prompt": r["prompt"], "answer": r["answer"] + "\n"} for s in skills for r in z.examples(s, "validation")]
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    from evomerge._zoo_model import exact_match
+    from transformers import AutoModelForCausalLM
+
+    def test_acc(folder: Path) -> dict[str, float]:
+        m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return {f"{s}/accuracy": exact_match(m, [(r["prompt"], r["answer"]) for r in z.examples(s, "test")]) for s in skills}
+
+    endpoints = {f"A ({skills[0]}, from base)": test_acc(a), f"B ({skills[1]}, from base_alt)": test_acc(b)}
+    runs_dir = work_dir / "runs"
+    names = ("unaligned", f"aligned ({method})")
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for seed in seeds:
+        for name, align in zip(names, (None, {"method": method, "data": str(data_file), "to": "first"})):
+            run_name = f"{'aligned' if align else 'unaligned'}_seed{seed}"
+            shutil.rmtree(runs_dir / run_name, ignore_errors=True)
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            cfg_path = runs_dir / f"{run_name}.yaml"
+            cfg_path.write_text(yaml.safe_dump(align_search_config([str(a), str(b)], skills, align=align, trials=trials, seed=seed), sort_keys=False))
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stdout if progress else sys.stderr):  # stdout may be --json
+                run = SearchRun.create(cfg_path, runs_dir=runs_dir, name=run_name)
+                summary = run.run(progress=False)
+            front = [p for p in summary["pareto"] if p.get("holdout_values")]
+            if not front:
+                raise ConfigError(f"bench align --search: the {name} search (seed {seed}) kept no scored member ({summary['n_failed']} trials failed)")
+            best = max(front, key=lambda p: sum(p["values"]) / len(p["values"]))
+            entry = {
+                "seed": seed,
+                "trial": best["trial"],
+                "validation": dict(zip([f"{s}/accuracy" for s in skills], best["values"])),
+                "test": dict(zip([f"{s}/accuracy" for s in skills], best["holdout_values"])),
+                "validation_mean": sum(best["values"]) / len(best["values"]),
+                "test_mean": sum(best["holdout_values"]) / len(best["holdout_values"]),
+                "n_complete": summary["n_complete"],
+                "n_failed": summary["n_failed"],
+                "seconds": round(time.perf_counter() - t0, 2),
+                "run_dir": str(run.run_dir),
+            }
+            results[name].append(entry)
+            log(f"search {name}, seed {seed}: best on validation trial {best['trial']}, test mean accuracy {entry['test_mean']:.4f}")
+    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    un, al = mean(results[names[0]], "test_mean"), mean(results[names[1]], "test_mean")
+    return {
+        "a": str(a),
+        "b": str(b),
+        "skills": list(skills),
+        "method": method,
+        "search_space": ALIGN_SEARCH_SPACE,
+        "optimizer": "cma (mean validation accuracy of the skills)",
+        "trials": trials,
+        "seeds": list(seeds),
+        "endpoints_test": endpoints,
+        "searches": results,
+        "check": {
+            "metric": "test mean accuracy of the best-on-validation member, averaged over seeds",
+            "unaligned": un,
+            "aligned": al,
+            "aligned_wins": sum(x["test_mean"] > y["test_mean"] for x, y in zip(results[names[1]], results[names[0]])),
+            "pass": bool(al > un),
+        },
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def format_search_table(result: dict[str, Any]) -> str:
+    """Endpoints and each search's best-on-validation member: test accuracy per skill."""
+    metrics = [f"{s}/accuracy" for s in result["skills"]]
+    rows = [(name, scores, None) for name, scores in result["endpoints_test"].items()]
+    rows += [(f"search {name}, seed {r['seed']} (trial {r['trial']})", r["test"], r["validation_mean"]) for name, runs in result["searches"].items() for r in runs]
+    first = max(len("model (test)"), *(len(r[0]) for r in rows))
+    cols = [max(9, len(m)) for m in metrics]
+    head = ["model (test)".ljust(first)] + [m.rjust(w) for m, w in zip(metrics, cols)] + ["mean".rjust(7), "val. mean".rjust(9)]
+    lines = ["  ".join(head), "  ".join("-" * len(h) for h in head)]
+    for name, scores, val in rows:
+        mean = sum(scores[m] for m in metrics) / len(metrics)
+        cells = [name.ljust(first)] + [f"{scores[m]:.4f}".rjust(w) for m, w in zip(metrics, cols)]
+        lines.append("  ".join(cells + [f"{mean:.4f}".rjust(7), ("" if val is None else f"{val:.4f}").rjust(9)]))
+    c = result["check"]
+    lines.append("")
+    lines.append(
+        f"{result['search_space']}, {result['trials']} trials, seeds {', '.join(map(str, result['seeds']))}: test mean accuracy "
+        f"{c['unaligned']:.4f} unaligned, {c['aligned']:.4f} aligned ({result['method']}; better in {c['aligned_wins']} of {len(result['seeds'])} seeds): "
         + ("PASS" if c["pass"] else "FAIL")
     )
     return "\n".join(lines)
