@@ -648,7 +648,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
-        description="Search the best way to merge fine-tuned models.",
+        description="Search the best way to merge fine-tuned models: per-layer merge coefficients "
+        "found by CMA-ES or Optuna samplers, every trial in an Optuna study, the Pareto front on disk.",
+        epilog="New here? `evomerge demo` runs the whole thing offline in a few minutes; then "
+        "`evomerge search CONFIG.yaml` (see examples/ and the README). `evomerge VERB --help` for each verb.",
     )
     parser.add_argument("--version", action="version", version=f"evomerge {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
