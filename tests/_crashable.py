@@ -76,6 +76,11 @@ def submit(self, job):
 SerialExecutor.submit = submit
 
 if __name__ == "__main__":
+    import signal
+
+    # A shell starts background jobs with SIGINT ignored and children inherit that (so a
+    # suite run as `make test &` would never see the test's Ctrl-C): restore Python's own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from evomerge.cli import main
 
     sys.exit(main(sys.argv[1:]))
