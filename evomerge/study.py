@@ -559,7 +559,7 @@ class _Progress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._p = Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+            self._p = Progress(TextColumn("search"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
             self._p.__enter__()
             self._task = self._p.add_task("search", total=self.total, info="")
         return self
@@ -569,6 +569,8 @@ class _Progress:
             return
         best = " ".join(f"{k}={v:.4g}" for k, v in s.best.items())
         info = f"failed {s.failed} pruned {s.pruned} | best {best} | front {s.front_size}"
+        room = max(12, self._p.console.width - 48)  # label, bar, counts, time: cut the details, not them
+        info = info if len(info) <= room else info[: room - 1] + "…"
         self._p.update(self._task, completed=s.complete + s.pruned, info=info)
 
     def __exit__(self, *exc: Any) -> bool:
