@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -82,7 +83,8 @@ def align_run_sources(sources: dict[str, Any], out_dir: Path, *, base_dir: Optio
         request = {"reference": reference, "model": ref, **{k: req[k] for k in ("method", "alpha", "data")}}
         if not _answers(folder, request):
             if progress:
-                print(f"aligning {ref} to {reference} ({req['method']}) -> {folder}", flush=True)
+                # stderr: stdout may be the JSON summary of `evomerge search --json`
+                print(f"aligning {ref} to {reference} ({req['method']}) -> {folder}", file=sys.stderr, flush=True)
             align_folder(reference, ref, folder, method=req["method"], alpha=req["alpha"], data=data, overwrite=True, request=request)
         renamed[ref] = str(folder)
         originals[str(folder)] = ref
