@@ -23,7 +23,16 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from evomerge.bench.quality import DEFAULT_SKILLS, baseline_rows, format_table, quality_table, search_config, searched_rows, write_config
+from evomerge.bench.quality import (
+    DEFAULT_SKILLS,
+    baseline_rows,
+    check_skills,
+    format_table,
+    quality_table,
+    search_config,
+    searched_rows,
+    write_config,
+)
 from evomerge.errors import ConfigError
 
 RUN_NAME = "demo"
@@ -43,7 +52,6 @@ def demo(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the demo; returns the quality table (as ``bench quality`` does) plus the run's paths."""
-    from evomerge.bench.quality import _check_skills
     from evomerge.study import CONFIG_NAME, SearchRun
     from evomerge.zoo import zoo
 
@@ -53,7 +61,7 @@ def demo(
     t0 = time.monotonic()
     say(f"[1/4] zoo: a tiny base model and one specialist per skill, in {zoo_dir} (built once, offline)")
     z = zoo(zoo_dir, progress=not quiet)
-    _check_skills(z, skills)
+    check_skills(z, skills)
     say(f"      {'reused' if z.reused else 'built in %.0f s' % z.build_seconds}: specialists {', '.join(z.skills)}")
 
     run_dir = Path(runs_dir) / RUN_NAME

@@ -254,7 +254,7 @@ def bench_quality(
     from evomerge.zoo import load_zoo, zoo
 
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)
-    _check_skills(z, skills)
+    check_skills(z, skills)
     tmp = None
     if runs_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="evomerge-bench-quality-")
@@ -293,7 +293,8 @@ def _by_name(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(r for r in rows if r["name"] == name)
 
 
-def _check_skills(z: Any, skills: Sequence[str]) -> None:
+def check_skills(z: Any, skills: Sequence[str]) -> None:
+    """Two or more different skills, each one the zoo has; one line otherwise."""
     from evomerge.errors import ConfigError
 
     if len(skills) < 2 or len(set(skills)) != len(skills):
