@@ -192,6 +192,10 @@ class Optimizer(ABC):
         self._ideal: list[float] | None = None
         # Trials handed out by this instance and not told yet, by number.
         self._pending: dict[int, Trial] = {}
+        self._configure(dict(options))
+
+    def _configure(self, options: dict[str, Any]) -> None:
+        """Subclasses read their (already name-checked) options here instead of overriding ``__init__``."""
 
     # ------------------------------------------------------------------ protocol
 

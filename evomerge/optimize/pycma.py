@@ -63,21 +63,19 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import pathlib
 import pickle
 import tempfile
 import warnings
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import cma
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.errors import ConfigError
 from evomerge.optimize._unit_cube import UnitCube
-from evomerge.optimize.base import Objective, Optimizer, Scalarization, register
+from evomerge.optimize.base import Optimizer, register
 
 __all__ = ["CmaOptimizer", "STATE_FILE"]
 
@@ -113,19 +111,7 @@ class CmaOptimizer(Optimizer):
     name: ClassVar[str] = "cma"
     supports_multi_objective: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        distributions: Mapping[str, BaseDistribution],
-        objectives: Sequence[Objective],
-        *,
-        scalarization: Scalarization | None = None,
-        seed: int | None = None,
-        state_dir: pathlib.Path | str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            distributions, objectives, scalarization=scalarization, seed=seed, state_dir=state_dir, **options
-        )
+    def _configure(self, options: dict[str, Any]) -> None:
         self._cube = UnitCube(self.distributions, owner=self.name)
         if self._cube.dim < 2:
             # pycma's covariance adaptation is meaningless in 1-D and it warns on every step.
@@ -144,7 +130,7 @@ class CmaOptimizer(Optimizer):
         self._pycma_opts = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
 
         # pycma would otherwise draw from numpy's global RNG: keep our own, pickled with the ES.
-        self._rng = np.random.RandomState(seed)
+        self._rng = np.random.RandomState(self.seed)
         if popsize is not None:
             popsize = int(self._positive("popsize", popsize))
             if popsize < 2:

@@ -29,17 +29,15 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import pathlib
 import warnings
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
 from optuna.trial import Trial
 
 from evomerge.errors import ConfigError
-from evomerge.optimize.base import Objective, Optimizer, Scalarization, register
+from evomerge.optimize.base import Optimizer, register
 
 __all__ = [
     "SamplerOptimizer",
@@ -59,26 +57,14 @@ class SamplerOptimizer(Optimizer):
     #: An extra package the sampler imports lazily (checked up front, not at the first ask).
     requires: ClassVar[str | None] = None
 
-    def __init__(
-        self,
-        distributions: Mapping[str, BaseDistribution],
-        objectives: Sequence[Objective],
-        *,
-        scalarization: Scalarization | None = None,
-        seed: int | None = None,
-        state_dir: pathlib.Path | str | None = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            distributions, objectives, scalarization=scalarization, seed=seed, state_dir=state_dir, **options
-        )
+    def _configure(self, options: dict[str, Any]) -> None:
         if self.requires and importlib.util.find_spec(self.requires) is None:
             raise ConfigError(
                 f"optimizer {self.name!r} needs the {self.requires!r} package: "
                 f"pip install {self.requires}, or pick another optimizer"
             )
         self._options = dict(options)
-        self._sampler = self._make_sampler(seed)
+        self._sampler = self._make_sampler(self.seed)
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
