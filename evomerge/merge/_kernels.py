@@ -7,6 +7,11 @@ copy their bytes. Small tensors stay eager (compiling them costs more than it sa
 and if compilation is unavailable (no C++ compiler, an unsupported platform) the
 eager path is used with a one-time warning. ``EVOMERGE_COMPILE=0`` turns it off,
 ``=1`` forces it for every tensor.
+
+Each static configuration (sparsification kind, consensus, normalize, number of
+sources) is one compiled variant of the same function. Dynamo gives up after 8
+variants of one function by default and then runs it eagerly, which is 10-100x slower
+here, so the calls raise that limit to :data:`RECOMPILE_LIMIT` (only while they run).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 from evomerge.merge import methods as M
 
 COMPILE_MIN_NUMEL = 1 << 16
+RECOMPILE_LIMIT = 64  # variants per kernel: every method and source count a process merges with
+_BACKEND = "inductor"  # tests swap in a counting backend
 _SPARSIFY_KINDS = (None, "magnitude", "outliers", "random", "della")
 
 
@@ -126,9 +133,10 @@ class Kernels:
 
     def run(self, fn: Callable[..., Any], numel: int, *args: Any) -> Any:
         if self._use_compiled(numel):
-            compiled = _compiled(fn)
+            compiled = _compiled(fn, _BACKEND)
             try:
-                return compiled(*args)
+                with _recompile_limit(RECOMPILE_LIMIT):
+                    return compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
                 self._failed = True
                 warnings.warn(f"evomerge: torch.compile unavailable ({type(exc).__name__}); merging eagerly", stacklevel=2)
@@ -136,5 +144,14 @@ class Kernels:
 
 
 @lru_cache(maxsize=None)
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return torch.compile(fn, dynamic=True, fullgraph=False)
+def _compiled(fn: Callable[..., Any], backend: Any) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=True, fullgraph=False, backend=backend)
+
+
+def _recompile_limit(n: int) -> Any:
+    """Dynamo's per-function variant limit raised to at least ``n`` (named
+    ``cache_size_limit`` before torch 2.6)."""
+    import torch._dynamo.config as dynamo
+
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    return dynamo.patch(**{name: max(n, getattr(dynamo, name))})
