@@ -249,15 +249,24 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", type=Path, help="folder to build the zoo in")
     p.add_argument("--rebuild", action="store_true", help="build again even if DIR holds this zoo")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change one number of the recipe, such as hidden=128, intermediate=384, layers, heads, "
+        "base_steps, base_lr, finetune_steps or base_alt_seed (repeatable; see evomerge.zoo.ZooRecipe)",
+    )
     p.add_argument("--workers", type=int, default=None, help="training processes (default: 2, or 1 on one core)")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.set_defaults(handler=_run_zoo)
 
 
 def _run_zoo(args: argparse.Namespace) -> int:
-    from evomerge.zoo import format_table, zoo
+    from evomerge.zoo import ZooRecipe, format_table, zoo
 
-    z = zoo(args.dir, rebuild=args.rebuild, progress=not args.json, workers=args.workers)
+    recipe = ZooRecipe().with_overrides(args.set)
+    z = zoo(args.dir, recipe=recipe, rebuild=args.rebuild, progress=not args.json, workers=args.workers)
     if args.json:
         print(json.dumps({"dir": str(z.root), "reused": z.reused, "build_seconds": z.build_seconds,
                           "models": {k: str(v) for k, v in z.models.items()}, "table": z.table}, indent=2))

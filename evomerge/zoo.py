@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -83,6 +83,31 @@ class ZooRecipe:
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
+
+    def with_overrides(self, pairs: list[str]) -> "ZooRecipe":
+        """This recipe with ``FIELD=VALUE`` changes (numbers only), checked.
+
+        >>> ZooRecipe().with_overrides(["hidden=128", "intermediate=384"]).hidden
+        128
+        """
+        numeric = {f.name: type(getattr(self, f.name)) for f in fields(self) if type(getattr(self, f.name)) in (int, float)}
+        changes: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in numeric:
+                raise ConfigError(f"zoo --set {pair!r}: expected FIELD=VALUE with FIELD one of {', '.join(numeric)}")
+            try:
+                value = numeric[key](raw.strip()) if numeric[key] is float else int(raw.strip())
+            except ValueError:
+                raise ConfigError(f"zoo --set {pair!r}: {key} takes a{'n integer' if numeric[key] is int else ' number'}") from None
+            if value <= 0 and not key.endswith("seed"):
+                raise ConfigError(f"zoo --set {pair!r}: {key} must be positive")
+            changes[key] = value
+        out = replace(self, **changes)
+        if out.hidden % out.heads or (out.hidden // out.heads) % 2:
+            raise ConfigError(f"zoo --set: hidden {out.hidden} must be heads {out.heads} times an even head size (rotary embeddings)")
+        return out
 
 
 @dataclass

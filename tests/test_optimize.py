@@ -3,7 +3,6 @@ samplers; scalarization; configuration errors. Synthetic objectives, in-memory s
 
 from __future__ import annotations
 
-import doctest
 import math
 import random
 import shutil
@@ -22,7 +21,7 @@ from evomerge.optimize import (
     Scalarization,
     build_optimizer,
 )
-from evomerge.optimize import _unit_cube, base, pycma, samplers
+from evomerge.optimize import _unit_cube, samplers
 from evomerge.optimize.pycma import STATE_FILE
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -500,8 +499,3 @@ def test_unscalarized_values_and_directions():
     assert opt.scalar_value([1.5]) == -1.5
     assert build_optimizer("nsga2", space(), TWO).study_values([0.5, 2]) == [0.5, 2.0]
 
-
-def test_docstring_examples():
-    for mod in (base, pycma, samplers, _unit_cube):
-        result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
-        assert result.failed == 0, mod.__name__

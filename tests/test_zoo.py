@@ -143,3 +143,22 @@ def test_changed_recipe_rebuilds_and_a_foreign_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         build_zoo(foreign, recipe=TINY, progress=False)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_cli_set_changes_the_recipe_and_bad_values_are_one_line(tmp_path, capsys):
+    sets = [f"{k}={getattr(TINY, k)}" for k in ("hidden", "layers", "heads", "intermediate", "base_steps", "finetune_steps", "warmup",
+                                                  "train_size", "validation_size", "test_size", "base_batch", "finetune_batch")]
+    argv = ["zoo", str(tmp_path / "z"), "--workers", "1", "--json"] + [a for s in sets for a in ("--set", s)]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert not first["reused"]
+    config = json.loads((tmp_path / "z" / BASE_ALT / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (16, 1, 32)
+    assert load_zoo(tmp_path / "z").fingerprint == TINY.fingerprint()
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out)["reused"]
+    for bad, words in [("hidden=30", "hidden 30 must be heads 4"), ("width=3", "FIELD one of hidden"),
+                       ("layers=two", "layers takes an integer"), ("base_lr=0", "base_lr must be positive")]:
+        assert main(["zoo", str(tmp_path / "bad"), "--set", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
