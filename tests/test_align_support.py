@@ -149,3 +149,29 @@ def test_ensemble_of_copies_scores_like_the_model_with_a_dataset_evaluator(tmp_p
     assert ev.evaluate(model, tok) == {"exact_match": 0.5}  # the model's own next character on every other row
     assert EnsembleEvaluator(ev).evaluate([model, model], tok) == {"exact_match": 0.5}
     assert texts_from(ev)[0] == rows[0]["prompt"] + rows[0]["answer"]
+
+
+def test_residual_similarity_weighs_every_site_alike() -> None:
+    """The residual stream is seen after the embedding and after every layer; late
+    layers carry larger values. The similarity averages the sites' correlations, so a
+    site's scale does not decide the matching (pooling raw values would)."""
+    from evomerge.align.activations import activation_moments
+    from evomerge.align.similarity import MeanOfSites, Moments
+
+    g = torch.Generator().manual_seed(0)
+    a0, a1 = torch.randn(4, 200, generator=g), torch.randn(4, 200, generator=g)
+    b0 = a0[[1, 0, 3, 2]] + 0.3 * torch.randn(4, 200, generator=g)  # site 0: a clear match
+    b1 = torch.randn(4, 200, generator=g)  # site 1: unrelated
+    sites = [Moments.of(a0, b0), Moments.of(a1, b1)]
+    mean = MeanOfSites(sites).corr()
+    assert torch.allclose(mean, (sites[0].corr() + sites[1].corr()) / 2)
+    assert mean.argmax(1).tolist() == [1, 0, 3, 2]
+    loud = MeanOfSites([sites[0], Moments.of(1000 * a1, 1000 * b1)]).corr()
+    assert torch.allclose(loud, mean, atol=1e-9)
+    pooled = Moments.of(torch.cat([a0, 1000 * a1], 1), torch.cat([b0, 1000 * b1], 1)).corr()
+    assert pooled.argmax(1).tolist() != [1, 0, 3, 2]  # the loud, unrelated site wins
+    # activation_moments reports the residual stream this way, one site per hidden state
+    model = LlamaForCausalLM(LlamaConfig(**llama_config(layers=2))).eval()
+    stats = activation_moments(model, model, [{"input_ids": torch.randint(0, 48, (2, 6), generator=g)}])
+    assert isinstance(stats["residual"], MeanOfSites) and len(stats["residual"].sites) == 3
+    assert not any(k.startswith("residual.") for k in stats)

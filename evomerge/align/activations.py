@@ -6,7 +6,8 @@ For every permutation group the hooks record what its units carry:
 key       activation                                     units
 ========  =============================================  =======================
 residual  hidden states after the embedding and every    hidden_size
-          layer (output_hidden_states), all pooled
+          layer (output_hidden_states); the mean of
+          the sites' correlations (``MeanOfSites``)
 mlp.L     input of down_proj (act(gate) * up)            intermediate_size
 q.L       output of q_proj (before rotary)               n_heads * head_dim
 k.L       output of k_proj                               n_kv_heads * head_dim
@@ -34,7 +35,7 @@ from typing import Iterable, Mapping, Optional
 
 import torch
 
-from evomerge.align.similarity import Moments
+from evomerge.align.similarity import Activations, MeanOfSites, Moments
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -75,7 +76,8 @@ def record(model: torch.nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return t.reshape(-1, t.shape[-1])[keep].T.float()
 
     acts = {k: units(v) for k, v in captured.items()}
-    acts["residual"] = torch.cat([units(h) for h in out.hidden_states], dim=1)
+    for site, h in enumerate(out.hidden_states):
+        acts[f"residual.{site}"] = units(h)
     return acts
 
 
@@ -85,7 +87,7 @@ def activation_moments(
     batches: Iterable[Batch],
     *,
     max_tokens: Optional[int] = None,
-) -> dict[str, Moments]:
+) -> Activations:
     """Moments of every unit set of A against the same set of B, over the batches."""
     model_a.eval()
     model_b.eval()
@@ -101,4 +103,7 @@ def activation_moments(
             break
     if not total:
         raise ValueError("no batches to collect activations from")
-    return total
+    sites = sorted((k for k in total if k.startswith("residual.")), key=lambda k: int(k.split(".")[1]))
+    out: Activations = {k: v for k, v in total.items() if not k.startswith("residual.")}
+    out["residual"] = MeanOfSites([total[k] for k in sites])
+    return out

@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ from evomerge.align.lm_loss import LMLossEvaluator
 from evomerge.align.matching import match_permutations
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.align.permutation import LlamaSpec, Permutations, apply_permutations
-from evomerge.align.similarity import Moments
+from evomerge.align.similarity import Activations
 from evomerge.errors import ConfigError
 
 METHODS = ("weight", "activation", "mudsc")
@@ -88,7 +88,7 @@ def align_models(
     batch_size: int = 8,
     max_length: int = 128,
     max_examples: Optional[int] = 256,
-    activations: Optional[Mapping[str, Moments]] = None,
+    activations: Optional[Activations] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> AlignResult:
     """Permute ``model``'s units into ``reference``'s order (see module docstring).

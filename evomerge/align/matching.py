@@ -43,7 +43,7 @@ from scipy.optimize import linear_sum_assignment
 
 from evomerge.align import weights as W
 from evomerge.align.permutation import AttentionPermutation, LlamaSpec, Permutations, identity_permutations
-from evomerge.align.similarity import Moments, correlation, mix
+from evomerge.align.similarity import Activations, Moments, correlation, mix
 
 State = Mapping[str, torch.Tensor]
 
@@ -71,7 +71,7 @@ def match_permutations(
     b: State,
     *,
     alpha: float = 1.0,
-    activations: Optional[Mapping[str, Moments]] = None,
+    activations: Optional[Activations] = None,
     max_passes: int = 30,
     patience: int = 3,
     init: Optional[Permutations] = None,
@@ -132,7 +132,7 @@ def _match_attention(
     spec: LlamaSpec,
     layer: int,
     wm: Mapping[str, Moments],
-    act: Mapping[str, Moments],
+    act: Activations,
     act_corr: Mapping[str, torch.Tensor],
     alpha: float,
 ) -> tuple[AttentionPermutation, float]:

@@ -59,6 +59,22 @@ class Moments:
         return correlation(self.n, self.sa, self.sb, self.saa, self.sbb, self.sab)
 
 
+@dataclass
+class MeanOfSites:
+    """One unit set seen at several sites (the residual stream after the embedding and
+    after every layer): the similarity is the mean of the sites' correlations, so each
+    site is standardized on its own and the late layers' larger activations do not
+    outweigh the early ones, as pooling the raw values would."""
+
+    sites: list[Moments]
+
+    def corr(self) -> torch.Tensor:
+        return torch.stack([m.corr() for m in self.sites]).mean(0)
+
+
+Activations = dict[str, "Moments | MeanOfSites"]  # what activation_moments returns, per unit set
+
+
 def add(total: Optional[Moments], part: Moments) -> Moments:
     """``total + part`` where ``total`` may still be empty (None)."""
     return part if total is None else total + part
