@@ -42,3 +42,27 @@ def test_every_method_variant_is_compiled_not_dropped_to_eager(monkeypatch):
         assert len(graphs) > before, f"variant {(kind, consensus, normalize)} ran eagerly"
     assert not kernels._failed
     torch._dynamo.reset()
+
+
+def test_spherical_weights_match_the_tensor_formulas():
+    """slerp and flattened nuslerp are merged as ca * a + cb * b from three sums; the
+    weights reproduce the tensor formulas, collinear and opposite pairs included."""
+    from evomerge.merge import methods as M
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(40, 30, generator=g)
+    cases = [torch.randn(40, 30, generator=g), 2.5 * a, -a, a + 1e-3 * torch.randn(40, 30, generator=g)]
+    for b in cases:
+        aa, bb, ab = M.pair_sums(a.double(), b.double()).tolist()
+        for t in (0.0, 0.3, 0.5, 1.0):
+            ca, cb = M.nuslerp_weights(t, aa, bb, ab)
+            if b is not cases[2]:  # exactly opposite: ill-posed, float32 rounding decides the tensor formula
+                assert torch.allclose(ca * a + cb * b, M.nuslerp(t, a, b, flatten=True), atol=1e-5), t
+            ca, cb = M.slerp_weights(t, aa, bb, ab)
+            v0, v1 = a.reshape(-1).double(), b.reshape(-1).double()
+            cos = float(v0 @ v1 / (v0.norm() * v1.norm()))
+            if abs(cos) > 0.9995:
+                assert (ca, cb) == (1 - t, t)
+            else:
+                theta = torch.acos(torch.tensor(cos, dtype=torch.float64))
+                assert abs(ca - float(torch.sin((1 - t) * theta) / torch.sin(theta))) < 1e-9

@@ -284,7 +284,7 @@ class MergeEngine:
         """The merged value of one tensor in float32 (int tensors: the reference's).
 
         With ``out`` (a contiguous float32 tensor of the right shape) the fused kernels
-        of linear and the task-vector methods write into it and return None; other
+        of linear, slerp, nuslerp, model_stock and the task-vector methods write into it and return None; other
         methods return a tensor as usual.
         """
         method = M.get_method(recipe.merge_method)
@@ -295,29 +295,29 @@ class MergeEngine:
         if kind == "task_vectors":
             return self._task_vectors(recipe, method, plan, out)
         if kind == "linear":
-            tensors = [self._raw(m, plan.name) for m in plan.inputs]
             weights = [plan.per_model[m]["weight"] for m in plan.inputs]
-            total = torch.tensor(sum(weights), dtype=torch.float32)
-            w = [torch.tensor(x, dtype=torch.float32) for x in weights]
-            args = (tensors, w, total, bool(plan.shared["normalize"]))
-            if out is not None:
-                return self.kernels.run(linear_into, tensors[0].numel(), out, *args)
-            return self.kernels.run(linear_kernel, tensors[0].numel(), *args)
-        if kind == "slerp":
-            other = plan.inputs[0]
-            return M.slerp(plan.shared["t"], self._work(recipe.base_model, plan.name), self._work(other, plan.name))
+            total = sum(weights) if plan.shared["normalize"] else None
+            return self._weighted_sum([self._raw(m, plan.name) for m in plan.inputs], weights, out, total)
+        if kind == "slerp" or (kind == "nuslerp" and plan.shared["nuslerp_flatten"]):
+            return self._spherical(recipe, kind, plan, out)
         if kind == "nuslerp":
             a, b = plan.inputs
-            wa, wb = plan.per_model[a]["weight"], plan.per_model[b]["weight"]
-            total = wa + wb
-            t = 0.5 if abs(total) < 1e-6 else wb / total
-            opts = dict(row_wise=plan.shared["nuslerp_row_wise"], flatten=plan.shared["nuslerp_flatten"])
+            t = self._nuslerp_t(plan)
+            opts = dict(row_wise=plan.shared["nuslerp_row_wise"], flatten=False)
             if recipe.base_model is not None:
                 base = recipe.base_model
                 return self._work(base, plan.name) + M.nuslerp(
                     t, self.delta(base, a, plan.name), self.delta(base, b, plan.name), **opts
                 )
             return M.nuslerp(t, self._work(a, plan.name), self._work(b, plan.name), **opts)
+        if kind == "model_stock" and not plan.shared["filter_wise"]:
+            # ratio * mean(models) + (1 - ratio) * base: one fused pass for the angles, one to write
+            base = self._work(recipe.base_model, plan.name)
+            models = [self._work(m, plan.name) for m in plan.inputs]
+            n = len(models)
+            gram = self.kernels.run(M.offset_gram, base.numel(), base, models).double().tolist()
+            ratio = M.model_stock_ratio(gram, n)
+            return self._weighted_sum([base, *models], [1 - ratio] + [ratio / n] * n, out)
         if kind == "model_stock":
             return M.model_stock(
                 self._work(recipe.base_model, plan.name),
@@ -328,6 +328,42 @@ class MergeEngine:
             (only,) = plan.inputs
             return M.passthrough(self._work(only, plan.name), plan.per_model[only]["scale"])
         raise MergeError(f"merge method {recipe.merge_method} has no implementation")
+
+    @staticmethod
+    def _nuslerp_t(plan: TensorPlan) -> float:
+        a, b = plan.inputs
+        wa, wb = plan.per_model[a]["weight"], plan.per_model[b]["weight"]
+        total = wa + wb
+        return 0.5 if abs(total) < 1e-6 else wb / total
+
+    def _spherical(self, recipe: Recipe, kind: str, plan: TensorPlan, out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """slerp, and nuslerp over whole tensors: ``ca * a + cb * b`` (plus the base for
+        nuslerp of task vectors). One fused pass sums a.a, b.b and a.b for the angle, a
+        second writes the weighted sum: two reads of each input instead of a dozen."""
+        name, base = plan.name, recipe.base_model
+        if kind == "slerp":
+            a, b, t, offset = self._work(base, name), self._work(plan.inputs[0], name), float(plan.shared["t"]), None
+        else:
+            t = self._nuslerp_t(plan)
+            ma, mb = plan.inputs
+            if base is not None:
+                a, b, offset = self.delta(base, ma, name), self.delta(base, mb, name), self._work(base, name)
+            else:
+                a, b, offset = self._work(ma, name), self._work(mb, name), None
+        n = a.numel()
+        aa, bb, ab = self.kernels.run(M.pair_sums, n, a, b).double().tolist() if n else (0.0, 0.0, 0.0)
+        weights = M.slerp_weights(t, aa, bb, ab) if kind == "slerp" else M.nuslerp_weights(t, aa, bb, ab)
+        if offset is None:
+            return self._weighted_sum([a, b], list(weights), out)
+        return self._weighted_sum([a, b, offset], [*weights, 1.0], out)
+
+    def _weighted_sum(self, tensors: list[torch.Tensor], weights: list[float], out: Optional[torch.Tensor], total: Optional[float] = None) -> Optional[torch.Tensor]:
+        """``sum(w * x) [/ total]`` in float32 by the fused linear kernel, into ``out`` when given."""
+        w = [torch.tensor(x, dtype=torch.float32) for x in weights]
+        args = (tensors, w, torch.tensor(1.0 if total is None else total, dtype=torch.float32), total is not None)
+        if out is not None:
+            return self.kernels.run(linear_into, tensors[0].numel(), out, *args)
+        return self.kernels.run(linear_kernel, tensors[0].numel(), *args)
 
     def _task_vectors(self, recipe: Recipe, method: M.MethodSpec, plan: TensorPlan, out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         base_ref = recipe.base_model

@@ -319,30 +319,51 @@ def _sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def slerp_weights(t: float, aa: float, bb: float, ab: float, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+    """``(ca, cb)`` with ``slerp(t, a, b) = ca * a + cb * b``, from ``a.a``, ``b.b`` and ``a.b``.
+
+    Nearly collinear pairs (|cos| above ``dot_threshold``) fall back to linear weights.
+
+    >>> [round(w, 4) for w in slerp_weights(0.5, 1.0, 1.0, 0.0)]   # a quarter turn: both at sin(45)/sin(90)
+    [0.7071, 0.7071]
+    """
+    na = math.sqrt(max(aa, 0.0))
+    nb = math.sqrt(max(bb, 0.0))
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    dot = min(1.0, max(-1.0, ab / (na * nb)))
+    if abs(dot) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(dot)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def nuslerp_weights(t: float, aa: float, bb: float, ab: float, *, eps: float = 1e-8) -> tuple[float, float]:
+    """``(ca, cb)`` of flattened NuSLERP (linear only for exactly collinear vectors)."""
+    cos = min(1.0, max(-1.0, ab / (max(math.sqrt(max(aa, 0.0)), 1e-7) * max(math.sqrt(max(bb, 0.0)), 1e-7))))
+    if 1 - cos * cos <= eps * eps:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation of two whole tensors, ``t=0`` gives ``v0``.
 
     Directions come from the flattened tensors; nearly collinear pairs fall back to
-    linear interpolation.
+    linear interpolation (see :func:`slerp_weights`).
     """
     dtype = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(-1).to(dtype)
     b = v1.reshape(-1).to(dtype)
-    if a.numel() == 0:
-        return ((1 - t) * v0 + t * v1).to(dtype)
-    na = torch.linalg.vector_norm(a)
-    nb = torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        ca, cb = 1 - t, t
-        return (ca * a + cb * b).reshape(v0.shape)
-    theta = torch.acos(dot)
-    sin_theta = torch.sin(theta)
-    ca = torch.sin((1 - t) * theta) / sin_theta
-    cb = torch.sin(t * theta) / sin_theta
+    aa, bb, ab = (float(x) for x in pair_sums(a, b))
+    ca, cb = slerp_weights(t, aa, bb, ab, dot_threshold=dot_threshold, eps=eps)
     return (ca * a + cb * b).reshape(v0.shape)
+
+
+def pair_sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[a.a, b.b, a.b]`` over all elements (one fused pass when compiled)."""
+    return torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
 
 
 def nuslerp(
@@ -380,26 +401,47 @@ def nuslerp(
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
     """Model Stock: move from the average toward the base by the task vectors' mean angle."""
     shape = base.shape
-    if filter_wise:
-        w0 = base.unsqueeze(0) if base.dim() == 1 else base
-        ws = [w.unsqueeze(0) if w.dim() == 1 else w for w in tensors]
-    else:
-        w0 = base.reshape(-1)
-        ws = [w.reshape(-1) for w in tensors]
-    offsets = [w - w0 for w in ws]
+    n = len(tensors)
+    if not filter_wise:
+        ratio = model_stock_ratio(offset_gram(base, list(tensors)).double().tolist(), n)
+        return (ratio * _sum([w.reshape(shape) for w in tensors]) / n + (1 - ratio) * base).reshape(shape)
+    w0 = base.unsqueeze(0) if base.dim() == 1 else base
+    offsets = [(w.unsqueeze(0) if w.dim() == 1 else w) - w0 for w in tensors]
     cos = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1 :]:
             norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
             cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
     denom = 1 + (n - 1) * cos_theta
     singular = denom.abs() < 1e-6
     safe = torch.where(singular, torch.ones_like(denom), denom)
-    ratio = torch.where(singular, torch.zeros_like(cos_theta), (n * cos_theta) / safe)
-    average = _sum(ws) / n
-    return (ratio * average + (1 - ratio) * w0).reshape(shape)
+    ratio_rows = torch.where(singular, torch.zeros_like(cos_theta), (n * cos_theta) / safe)
+    return (ratio_rows * _sum([w.reshape(w0.shape) for w in tensors]) / n + (1 - ratio_rows) * w0).reshape(shape)
+
+
+def offset_gram(base: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``(w_i - base) . (w_j - base)`` for every pair i <= j, row by row (one fused pass when compiled)."""
+    offsets = [w - base for w in tensors]
+    return torch.stack([(a * b).sum() for i, a in enumerate(offsets) for b in offsets[i:]])
+
+
+def model_stock_ratio(gram: Sequence[float], n: int) -> float:
+    """Model Stock's interpolation ratio ``n cos / (1 + (n - 1) cos)`` from :func:`offset_gram`,
+    cos the mean cosine of the task vectors' pairs (0 when the denominator vanishes).
+
+    >>> model_stock_ratio([1.0, 0.0, 1.0], 2)    # orthogonal task vectors: stay at the base
+    0.0
+    """
+    it = iter(gram)
+    g = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            g[i][j] = g[j][i] = next(it)
+    cos = [max(-1.0, min(1.0, g[i][j] / max(math.sqrt(max(g[i][i], 0.0) * max(g[j][j], 0.0)), 1e-6))) for i in range(n) for j in range(i + 1, n)]
+    cos_theta = sum(cos) / len(cos)
+    denom = 1 + (n - 1) * cos_theta
+    return 0.0 if abs(denom) < 1e-6 else n * cos_theta / denom
 
 
 def passthrough(tensor: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
