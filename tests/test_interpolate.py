@@ -112,6 +112,7 @@ def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
     # an ensemble of two copies of one function is that function
     assert by["ensemble (A, B)"]["scores"][primary] == pytest.approx(by[f"A ({a.name})"]["scores"][primary], abs=1e-4)
     assert r["check"]["pass"] is True and r["check"]["ratio"] < 1e-3
+    assert set(r["check"]["ratios"]) == set(r["metrics"]) and r["check"]["ratios"][primary] == r["check"]["ratio"]
     # diagnostics: B's units all have an exact twin in A; the permuted-copy control closes its barrier
     corr = r["diagnostics"]["matched_unit_correlation"]["B (independent init)"]
     assert corr["residual"] == pytest.approx(1.0, abs=1e-6) and corr["mlp"] == pytest.approx(1.0, abs=1e-6)

@@ -185,6 +185,8 @@ def bench_align(
     unaligned = unaligned_row["midpoint_barrier"][primary]
     chosen = rows[-1]["midpoint_barrier"][primary]
     ratio = chosen / unaligned if unaligned > 0 else float("nan")
+    # the same ratio on every metric: whether any of them halves (None: no barrier to halve)
+    ratios = {m: (rows[-1]["midpoint_barrier"][m] / unaligned_row["midpoint_barrier"][m] if unaligned_row["midpoint_barrier"][m] > 0 else None) for m in directions}
     why: dict[str, Any] = {}
     if act is not None:
         log("diagnostics: matched unit correlations, and a randomly permuted copy of A")
@@ -202,6 +204,7 @@ def bench_align(
             "unaligned_midpoint_barrier": unaligned,
             "mudsc_midpoint_barrier": chosen,
             "ratio": ratio,
+            "ratios": ratios,
             "pass": bool(unaligned > 0 and chosen <= 0.5 * unaligned),
         },
         "diagnostics": why,
@@ -229,6 +232,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{c['mudsc_midpoint_barrier']:.4f} after mudsc (ratio {c['ratio']:.3f}; at most 0.5 passes): "
         + ("PASS" if c["pass"] else "FAIL")
     )
+    if c.get("ratios"):
+        lines.append("the same ratio on every metric: " + ", ".join(f"{m} {'-' if r is None else f'{r:.3f}'}" for m, r in c["ratios"].items()))
     d = result.get("diagnostics") or {}
     for who, corr in d.get("matched_unit_correlation", {}).items():
         lines.append(f"mean activation correlation of matched units, A vs {who}: residual {corr['residual']:.3f}, MLP {corr['mlp']:.3f}")
@@ -491,4 +496,6 @@ def format_search_table(result: dict[str, Any]) -> str:
         f"{c['unaligned']:.4f} unaligned, {c['aligned']:.4f} aligned ({result['method']}; better in {c['aligned_wins']} of {len(result['seeds'])} seeds): "
         + ("PASS" if c["pass"] else "FAIL")
     )
+    if c.get("ratios"):
+        lines.append("the same ratio on every metric: " + ", ".join(f"{m} {'-' if r is None else f'{r:.3f}'}" for m, r in c["ratios"].items()))
     return "\n".join(lines)
