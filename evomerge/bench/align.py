@@ -496,6 +496,4 @@ def format_search_table(result: dict[str, Any]) -> str:
         f"{c['unaligned']:.4f} unaligned, {c['aligned']:.4f} aligned ({result['method']}; better in {c['aligned_wins']} of {len(result['seeds'])} seeds): "
         + ("PASS" if c["pass"] else "FAIL")
     )
-    if c.get("ratios"):
-        lines.append("the same ratio on every metric: " + ", ".join(f"{m} {'-' if r is None else f'{r:.3f}'}" for m, r in c["ratios"].items()))
     return "\n".join(lines)

@@ -332,17 +332,16 @@ def slerp_weights(t: float, aa: float, bb: float, ab: float, *, dot_threshold: f
     na = na if na > eps else 1.0
     nb = nb if nb > eps else 1.0
     dot = min(1.0, max(-1.0, ab / (na * nb)))
-    if abs(dot) > dot_threshold:
-        return 1.0 - t, t
-    theta = math.acos(dot)
-    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+    return (1.0 - t, t) if abs(dot) > dot_threshold else _sine_weights(t, dot)
 
 
 def nuslerp_weights(t: float, aa: float, bb: float, ab: float, *, eps: float = 1e-8) -> tuple[float, float]:
     """``(ca, cb)`` of flattened NuSLERP (linear only for exactly collinear vectors)."""
     cos = min(1.0, max(-1.0, ab / (max(math.sqrt(max(aa, 0.0)), 1e-7) * max(math.sqrt(max(bb, 0.0)), 1e-7))))
-    if 1 - cos * cos <= eps * eps:
-        return 1.0 - t, t
+    return (1.0 - t, t) if 1 - cos * cos <= eps * eps else _sine_weights(t, cos)
+
+
+def _sine_weights(t: float, cos: float) -> tuple[float, float]:
     theta = math.acos(cos)
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
