@@ -403,7 +403,7 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     n = len(tensors)
     if not filter_wise:
         ratio = model_stock_ratio(offset_gram(base, list(tensors)).double().tolist(), n)
-        return (ratio * _sum([w.reshape(shape) for w in tensors]) / n + (1 - ratio) * base).reshape(shape)
+        return ratio * _sum(list(tensors)) / n + (1 - ratio) * base
     w0 = base.unsqueeze(0) if base.dim() == 1 else base
     offsets = [(w.unsqueeze(0) if w.dim() == 1 else w) - w0 for w in tensors]
     cos = []
