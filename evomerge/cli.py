@@ -245,7 +245,7 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
         "character tokenizer: a base, one specialist per skill (add, reverse, sort, count), a second "
         "base from another initialization, and the skills' train/validation/test JSONL. Prints each "
         "model's test accuracy per skill, with the specialists' uniform average. A second call reuses "
-        "the folder.",
+        "the folder, with the recipe it was built with unless --set or --default says otherwise.",
     )
     p.add_argument("dir", type=Path, help="folder to build the zoo in")
     p.add_argument("--rebuild", action="store_true", help="build again even if DIR holds this zoo")
@@ -255,23 +255,30 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="FIELD=VALUE",
         help="change one number of the recipe, such as hidden=128, intermediate=384, layers, heads, "
-        "base_steps, base_lr, finetune_steps or base_alt_seed (repeatable; see evomerge.zoo.ZooRecipe)",
+        "base_steps, base_lr, finetune_steps or base_alt_seed (repeatable; see evomerge.zoo.ZooRecipe); "
+        "the folder remembers these changes",
     )
+    p.add_argument("--default", action="store_true", help="the default recipe, even if DIR was built with --set")
     p.add_argument("--workers", type=int, default=None, help="training processes (default: 2, or 1 on one core)")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.set_defaults(handler=_run_zoo)
 
 
 def _run_zoo(args: argparse.Namespace) -> int:
+    from evomerge.errors import ConfigError
     from evomerge.zoo import ZooRecipe, format_table, zoo
 
-    recipe = ZooRecipe().with_overrides(args.set)
+    if args.set and args.default:
+        raise ConfigError("zoo: --set and --default exclude each other")
+    recipe = ZooRecipe().with_overrides(args.set) if args.set or args.default else None  # None: the folder's own
     z = zoo(args.dir, recipe=recipe, rebuild=args.rebuild, progress=not args.json, workers=args.workers)
     if args.json:
-        print(json.dumps({"dir": str(z.root), "reused": z.reused, "build_seconds": z.build_seconds,
+        print(json.dumps({"dir": str(z.root), "reused": z.reused, "build_seconds": z.build_seconds, "changes": z.manifest.get("changes", {}),
                           "models": {k: str(v) for k, v in z.models.items()}, "table": z.table}, indent=2))
     else:
         how = "reused" if z.reused else f"built in {z.build_seconds:.1f} s"
+        changes = z.manifest.get("changes", {})
+        how += "; recipe: " + (", ".join(f"{k}={v}" for k, v in changes.items()) if changes else "default")
         print(f"zoo {z.root} ({how}); test exact match per skill:")
         print(format_table(z.table, z.skills))
     return 0

@@ -16,6 +16,8 @@ average of the specialists falls well below each specialist on its skill, while 
 weighted merge can keep several skills: merging is a real problem here.
 
 A second call with the same recipe reuses the folder; a changed recipe rebuilds it.
+A folder remembers the fields its recipe changed from the default (``zoo.json``'s
+``"changes"``), so a later call that names no recipe reuses it as it is.
 The folder is written under a temporary name and renamed when complete.
 
 Example::
@@ -83,6 +85,33 @@ class ZooRecipe:
 
     def sizes(self) -> dict[str, int]:
         return {"train": self.train_size, "validation": self.validation_size, "test": self.test_size}
+
+    def changes(self) -> dict[str, Any]:
+        """The fields that differ from the default recipe (JSON-ready).
+
+        >>> ZooRecipe(hidden=128).changes()
+        {'hidden': 128}
+        """
+        default = asdict(ZooRecipe())
+        return {k: v for k, v in json.loads(json.dumps(asdict(self))).items() if json.loads(json.dumps(default[k])) != v}
+
+    @classmethod
+    def from_changes(cls, changes: Any) -> Optional["ZooRecipe"]:
+        """The default recipe with ``changes`` applied; None when they no longer fit it.
+
+        >>> ZooRecipe.from_changes({"hidden": 128, "mix": [["add", 1.0]]}).mix
+        (('add', 1.0),)
+        """
+        default = cls()
+        known = {f.name for f in fields(cls)}
+        if not isinstance(changes, dict) or not set(changes) <= known:
+            return None
+        # JSON turned the tuples into lists; give each field back the type of its default
+        tupled = lambda v: tuple(tupled(x) for x in v) if isinstance(v, list) else v  # noqa: E731
+        values = {k: tupled(v) for k, v in changes.items()}
+        if any(type(values[k]) is not type(getattr(default, k)) for k in values):
+            return None
+        return replace(default, **values)
 
     def with_overrides(self, pairs: list[str]) -> "ZooRecipe":
         """This recipe with ``FIELD=VALUE`` changes (numbers only), checked.
@@ -162,16 +191,19 @@ def zoo(
 ) -> Zoo:
     """Build the zoo in ``directory`` (or reuse it when it already holds this recipe).
 
+    With no ``recipe``, the folder's own (the default plus the changes it was built
+    with) when it holds a zoo, else the default.
     ``workers`` training processes run side by side (default: 2, or 1 on one core);
     every model is trained on one thread, so the bytes do not depend on it.
     """
-    recipe = recipe or ZooRecipe()
     root = Path(directory)
+    found = None if rebuild and recipe is not None else load_zoo(root, quiet=True)
+    if recipe is None:
+        recipe = (ZooRecipe.from_changes(found.manifest.get("changes", {})) if found else None) or ZooRecipe()
     for name in recipe.skills:
         if name not in SKILLS:
             raise ConfigError(f"zoo recipe: unknown skill {name!r} (known: {', '.join(SKILLS)})")
     if not rebuild:
-        found = load_zoo(root, quiet=True)
         if found is not None and found.fingerprint == recipe.fingerprint():
             found.reused = True
             return found
@@ -257,6 +289,7 @@ def _build(root: Path, recipe: ZooRecipe, *, progress: bool, workers: Optional[i
             "format": ZOO_FORMAT,
             "fingerprint": recipe.fingerprint(),
             "recipe": asdict(recipe),
+            "changes": recipe.changes(),
             "skills": list(recipe.skills),
             "models": {BASE: BASE, BASE_ALT: BASE_ALT, **{s: s for s in recipe.skills}},
             "alignment_pair": [BASE, BASE_ALT],

@@ -23,11 +23,11 @@ def zoo():
     """The offline zoo (evomerge.zoo), built once and kept between sessions.
 
     It lives in ``$EVOMERGE_ZOO_CACHE`` or the repository's git-ignored ``.cache/zoo``;
-    a changed zoo recipe rebuilds it.
+    a changed zoo recipe rebuilds it, and so does a folder built with ``--set``.
     """
-    from evomerge.zoo import default_zoo_dir, zoo as build_zoo
+    from evomerge.zoo import ZooRecipe, default_zoo_dir, zoo as build_zoo
 
-    return build_zoo(default_zoo_dir(), progress=False)
+    return build_zoo(default_zoo_dir(), recipe=ZooRecipe(), progress=False)
 
 
 @pytest.fixture(scope="session")

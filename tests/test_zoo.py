@@ -145,6 +145,14 @@ def test_changed_recipe_rebuilds_and_a_foreign_folder_is_refused(tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_recipe_changes_survive_json_and_stale_ones_are_dropped():
+    recipe = replace(TINY, skills=("add", "sort"), mix=(("add", 1.0), ("sort", 2.0)))
+    stored = json.loads(json.dumps(recipe.changes()))
+    assert ZooRecipe.from_changes(stored) == recipe and ZooRecipe.from_changes({}) == ZooRecipe()
+    assert ZooRecipe.from_changes({"width": 3}) is None  # a field a later version dropped
+    assert ZooRecipe.from_changes({"hidden": "wide"}) is None
+
+
 def test_cli_set_changes_the_recipe_and_bad_values_are_one_line(tmp_path, capsys):
     sets = [f"{k}={getattr(TINY, k)}" for k in ("hidden", "layers", "heads", "intermediate", "base_steps", "finetune_steps", "warmup",
                                                   "train_size", "validation_size", "test_size", "base_batch", "finetune_batch")]
@@ -156,6 +164,14 @@ def test_cli_set_changes_the_recipe_and_bad_values_are_one_line(tmp_path, capsys
     assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"]) == (16, 1, 32)
     assert load_zoo(tmp_path / "z").fingerprint == TINY.fingerprint()
     assert main(argv) == 0 and json.loads(capsys.readouterr().out)["reused"]
+    # the folder remembers its recipe: a later call without --set reuses it, CLI and API
+    assert main(["zoo", str(tmp_path / "z")]) == 0
+    out = capsys.readouterr().out
+    assert "reused; recipe: hidden=16, layers=1, heads=2, intermediate=32" in out
+    assert first["changes"] == TINY.changes() and TINY.changes()["hidden"] == 16
+    assert build_zoo(tmp_path / "z", progress=False).reused
+    assert main(["zoo", str(tmp_path / "z"), "--set", "hidden=16", "--default"]) == 2
+    assert "--set and --default exclude each other" in capsys.readouterr().err
     for bad, words in [("hidden=30", "hidden 30 must be heads 4"), ("width=3", "FIELD one of hidden"),
                        ("layers=two", "layers takes an integer"), ("base_lr=0", "base_lr must be positive")]:
         assert main(["zoo", str(tmp_path / "bad"), "--set", bad]) == 2
