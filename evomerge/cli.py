@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from evomerge import __version__
+from evomerge._paths import check_folder_target
 from evomerge.errors import EvomergeError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -696,6 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for attr in ("runs_dir", "workdir"):  # every verb's folders for runs, checked before any work
+            if getattr(args, attr, None) is not None:
+                check_folder_target(getattr(args, attr), "--" + attr.replace("_", "-"))
         return int(args.handler(args) or 0)
     except EvomergeError as exc:
         print(f"evomerge {args.verb}: error: {exc}", file=sys.stderr)

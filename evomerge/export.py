@@ -13,14 +13,14 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from evomerge._paths import check_folder_target
 from evomerge.errors import MergeError
 
 
 def check_output_folder(out: Path, overwrite: bool) -> None:
     """Refuse to clobber a non-empty folder unless asked; fail before any work."""
+    check_folder_target(out, "output")
     if out.exists():
-        if not out.is_dir():
-            raise MergeError(f"output {out} exists and is not a folder")
         if any(out.iterdir()) and not overwrite:
             raise MergeError(f"output folder {out} is not empty (pass --overwrite to replace it)")
 

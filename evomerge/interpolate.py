@@ -25,6 +25,8 @@ from typing import Any, Optional, Union
 
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.errors import ConfigError
+from evomerge._paths import check_file_target
+from evomerge.plots import save_figure
 
 
 def barriers(ts: list[float], values: list[float], direction: str) -> tuple[float, float]:
@@ -61,6 +63,8 @@ def interpolate(
     """
     if steps < 3:
         raise ConfigError(f"--steps must be at least 3 (the endpoints and one point between), got {steps}")
+    if plot is not None:
+        check_file_target(Path(plot), "plot", "plot.png")
     metrics = dict(evaluator.metrics)
     metric = metric or next(iter(metrics))
     if metric not in metrics:
@@ -121,10 +125,4 @@ def save_plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel(f"{result['evaluator']}/{result['metric']}")
     ax.set_title(f"barrier {result['barrier']:.4g} (midpoint {result['midpoint_barrier']:.4g})")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

@@ -48,7 +48,7 @@ def save_plots(run: Any, study: Any, front: Sequence[Any]) -> list[Path]:
         ax.set_ylabel(names[0])
     ax.legend()
     ax.set_title(f"{run.name}: Pareto front")
-    paths.append(_save(fig, run.run_dir / "pareto_front.png"))
+    paths.append(save_figure(fig, run.run_dir / "pareto_front.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     hv = [(t.number, t.user_attrs.get("hypervolume", 0.0)) for t in done]
@@ -56,7 +56,7 @@ def save_plots(run: Any, study: Any, front: Sequence[Any]) -> list[Path]:
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume")
     ax.set_title(f"{run.name}: hypervolume over trials")
-    paths.append(_save(fig, run.run_dir / "hypervolume.png"))
+    paths.append(save_figure(fig, run.run_dir / "hypervolume.png"))
 
     best = best_mean(front, run.objectives)
     rows, matrix = coefficient_matrix(run.space, best.params) if best is not None else ([], None)
@@ -68,7 +68,7 @@ def save_plots(run: Any, study: Any, front: Sequence[Any]) -> list[Path]:
         ax.set_xlabel("layer")
         fig.colorbar(im, ax=ax)
         ax.set_title(f"{run.name}: coefficients of trial {best.number}")
-        paths.append(_save(fig, run.run_dir / "coefficients.png"))
+        paths.append(save_figure(fig, run.run_dir / "coefficients.png"))
     return paths
 
 
@@ -86,9 +86,11 @@ def coefficient_matrix(space: Any, params: dict[str, float]) -> tuple[list[str],
     return list(rows), np.vstack(list(rows.values()))
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG, atomically (temp file, then rename); parents are made."""
     import matplotlib.pyplot as plt
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)

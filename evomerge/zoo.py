@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from evomerge._zoo_data import SKILLS, SPLITS, held_out_inputs, make_splits, pretrain_stream, read_jsonl, write_jsonl
+from evomerge._paths import check_folder_target
 from evomerge.errors import ConfigError
 
 ZOO_FORMAT = 1
@@ -207,6 +208,7 @@ def zoo(
         if found is not None and found.fingerprint == recipe.fingerprint():
             found.reused = True
             return found
+    check_folder_target(root, "zoo folder")
     if root.exists() and any(root.iterdir()) and not (root / MANIFEST).is_file():
         raise ConfigError(f"{root}: exists, is not empty and holds no {MANIFEST}; choose another folder")
     return _build(root, recipe, progress=progress, workers=workers)

@@ -80,6 +80,25 @@ def test_interpolate_refuses_bad_settings(pair) -> None:
         interpolate(a, b, LMLossEvaluator(data), metric="bleu")
 
 
+def test_a_plot_path_that_cannot_be_a_file_fails_before_scoring(pair, tmp_path: Path, capsys) -> None:
+    a, b, data = pair
+    scored = []
+
+    class Counting(LMLossEvaluator):
+        def evaluate(self, *args, **kwargs):
+            scored.append(1)
+            return super().evaluate(*args, **kwargs)
+
+    (tmp_path / "afile").write_text("x")
+    for plot, words in [(tmp_path, "is a folder; give a file name"), (tmp_path / "afile" / "p.png", "afile is a file, not a folder")]:
+        with pytest.raises(ConfigError, match=words):
+            interpolate(a, b, Counting(data), steps=3, plot=plot)
+        assert main(["interpolate", str(a), str(b), "--evaluator", str(data), "--steps", "3", "--plot", str(plot)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1, err
+    assert scored == [] and (tmp_path / "afile").read_text() == "x"
+
+
 def test_cli_interpolate_prints_the_path_and_saves_a_plot(pair, tmp_path: Path, capsys) -> None:
     a, b, data = pair
     plot = tmp_path / "out" / "path.png"

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from evomerge._testing import llama_config, write_family
 from evomerge.cli import main
 
+REPO = Path(__file__).resolve().parents[1]
+
 TIES = """merge_method: ties
 base_model: {root}/base
 models:
@@ -180,3 +182,23 @@ def test_console_script_exit_code(family, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"evomerge merge: error: {recipe}: models[1].parameters.density: -0.2 is outside [0, 1]"
     ]
+
+
+def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_path, capsys):
+    """A file where a folder must go is one line and exit 2, for every verb that writes folders."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    recipe = write_recipe(tmp_path, TIES.format(root=family, density=0.5))
+    cases = [
+        (["merge", str(recipe), "--out", str(blocker)], "output"),
+        (["merge", str(recipe), "--out", str(blocker / "merged")], "output"),
+        (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--runs-dir", str(blocker)], "--runs-dir"),
+        (["demo", "--runs-dir", str(blocker / "runs")], "--runs-dir"),
+        (["bench", "merge", "--workdir", str(blocker)], "--workdir"),
+        (["bench", "align", "--search", "--workdir", str(blocker / "w")], "--workdir"),
+    ]
+    for argv, what in cases:
+        code, out, err = run_cli(argv, capsys)
+        assert code == 2 and err.startswith(f"evomerge {argv[0]}: error: {what} ") and "is a file, not a folder" in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "recipe.yaml"] and blocker.read_text() == "mine"

@@ -143,6 +143,8 @@ def test_changed_recipe_rebuilds_and_a_foreign_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not empty"):
         build_zoo(foreign, recipe=TINY, progress=False)
     assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        build_zoo(foreign / "notes.txt", recipe=TINY, progress=False)
 
 
 def test_recipe_changes_survive_json_and_stale_ones_are_dropped():
