@@ -57,6 +57,7 @@ def demo(
 
     if trials < 1 or workers < 1:
         raise ConfigError(f"demo: --trials and --workers must be at least 1 (got {trials} and {workers})")
+    check_skills(None, skills)  # before a zoo is built for nothing
     say = (lambda *a: None) if quiet else print
     t0 = time.monotonic()
     say(f"[1/4] zoo: a tiny base model and one specialist per skill, in {zoo_dir} (built once, offline)")

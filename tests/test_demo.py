@@ -83,9 +83,19 @@ def test_demo_continues_its_run(demo_run, zoo_dir, tmp_path, capsys):
 
 
 def test_demo_bad_input_is_one_line(zoo_dir, tmp_path, capsys):
-    assert main(["demo", "--zoo", str(zoo_dir), "--runs-dir", str(tmp_path), "--skills", "reverse,fly", "--executor", "serial"]) == 2
+    # an unknown skill is refused before a missing zoo is built for nothing
+    assert main(["demo", "--zoo", str(tmp_path / "zoo"), "--runs-dir", str(tmp_path), "--skills", "reverse,fly", "--executor", "serial"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "'fly' is not a skill of the zoo" in err[0]
+    assert len(err) == 1 and "'fly' is not a zoo skill (it has add, reverse, sort, count)" in err[0]
+    assert not (tmp_path / "zoo").exists()
+    # a zoo built with fewer skills is checked once it is there
+    from types import SimpleNamespace
+
+    from evomerge.bench.quality import check_skills
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'count' is not a skill of the zoo in z .it has add, sort."):
+        check_skills(SimpleNamespace(skills=["add", "sort"], root="z"), ["add", "count"])
     assert main(["demo", "--zoo", str(zoo_dir), "--runs-dir", str(tmp_path), "--trials", "0"]) == 2
     assert "--trials and --workers must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()

@@ -253,6 +253,7 @@ def bench_quality(
     from evomerge.study import SearchRun
     from evomerge.zoo import load_zoo, zoo
 
+    check_skills(None, skills)  # before a zoo is built for nothing
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)
     check_skills(z, skills)
     tmp = None
@@ -294,11 +295,16 @@ def _by_name(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
 
 
 def check_skills(z: Any, skills: Sequence[str]) -> None:
-    """Two or more different skills, each one the zoo has; one line otherwise."""
+    """Two or more different skills, each one the zoo has; one line otherwise.
+
+    ``z`` None checks the names against every skill a zoo can have, before one is built.
+    """
+    from evomerge._zoo_data import SKILLS
     from evomerge.errors import ConfigError
 
     if len(skills) < 2 or len(set(skills)) != len(skills):
         raise ConfigError(f"--skills: give two or more different skills, got {','.join(skills) or 'none'}")
-    unknown = [s for s in skills if s not in z.skills]
+    known, where = (list(SKILLS), "a zoo skill") if z is None else (z.skills, f"a skill of the zoo in {z.root}")
+    unknown = [s for s in skills if s not in known]
     if unknown:
-        raise ConfigError(f"--skills: {unknown[0]!r} is not a skill of the zoo in {z.root} (it has {', '.join(z.skills)})")
+        raise ConfigError(f"--skills: {unknown[0]!r} is not {where} (it has {', '.join(known)})")
