@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,12 @@ def test_cli_align_writes_a_loadable_folder(permuted_pair, tmp_path: Path, capsy
         assert (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item() == 0.0
     assert main(["align", "--reference", str(a), "--model", str(b), "--method", "weight", "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+    # without --json, each step is told on stderr as it ends, then one line on stdout
+    assert main(["align", "--reference", str(a), "--model", str(b), "--alpha", "0.5", "--data", str(texts), "--out", str(tmp_path / "o2")]) == 0
+    cap = capsys.readouterr()
+    steps = cap.err.strip().splitlines()
+    assert steps[0].startswith("activations of both models over ") and re.fullmatch(r"activations: \d+ tokens in [\d.]+ s", steps[1])
+    assert steps[2].startswith("alpha 0.5: ") and cap.out.startswith(f"aligned {b} to {a} with mudsc (alpha 0.5")
 
 
 def _folder(root: Path, name: str, **changes) -> Path:

@@ -115,7 +115,12 @@ def align_models(
         batches = token_batches(data, tok, batch_size=batch_size, max_length=max_length, max_examples=max_examples)
         fit, held = split_batches(batches) if choose and validation is None else (batches, [])
     if need_act:
+        t0 = time.perf_counter()
+        if log is not None:
+            log(f"activations of both models over {len(fit)} batches ...")
         act = activation_moments(a.module(), b.module(), fit)
+        if log is not None:
+            log(f"activations: {int(act['mlp.0'].n)} tokens in {time.perf_counter() - t0:.1f} s")
     judge = validation if validation is not None else (LMLossEvaluator(held, name="validation") if choose else None)
     results = []
     scratch = a.scratch() if choose else None

@@ -74,8 +74,10 @@ class Endpoint:
         """A float32 transformers model in eval mode (loaded once)."""
         if self._module is None:
             from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
 
             assert self.path is not None
+            hf_logging.disable_progress_bar()  # as `evaluate` does: our own lines say what is loading
             self._module = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
         return self._module
 
