@@ -601,16 +601,21 @@ def _run_interpolate(args: argparse.Namespace) -> int:
     if args.align is not None:
         data = resolve_data(args.data) if args.data else resolve_data(args.evaluator)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    metric = args.metric or next(iter(dict(evaluator.metrics)))
+
+    def row(t: float, scores: dict[str, float]) -> None:  # each point as soon as it is scored
+        if t == 0.0:
+            print(f"{'t':>6}  {getattr(evaluator, 'name', type(evaluator).__name__)}/{metric}", flush=True)
+        print(f"{t:6.3f}  {scores[metric]:.4f}", flush=True)
+
+    say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     r = interpolate(
         args.a, args.b, evaluator, steps=args.steps, align=args.align, alpha=args.alpha, data=data,
-        metric=args.metric, limit=limit, plot=args.plot,
+        metric=args.metric, limit=limit, plot=args.plot, align_options={"log": say}, on_point=None if args.json else row,
     )
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{'t':>6}  {r['evaluator']}/{r['metric']}")
-    for t, v in zip(r["t"], r["values"]):
-        print(f"{t:6.3f}  {v:.4f}")
     how = f" after {r['align']['method']} alignment (alpha {r['align']['alpha']:g})" if r["align"] else ""
     print(f"barrier {r['barrier']:.4f}, at the midpoint {r['midpoint_barrier']:.4f} ({r['direction']} {r['metric']}){how}; plot: {r['plot']}")
     return 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.errors import ConfigError
@@ -54,12 +54,14 @@ def interpolate(
     plot: Optional[Path] = None,
     tokenizer: Any = None,
     align_options: Optional[dict] = None,
+    on_point: Optional[Callable[[float, dict[str, float]], None]] = None,
 ) -> dict[str, Any]:
     """Score the straight path from ``a`` to ``b`` (``b`` aligned to ``a`` first when ``align`` names a method).
 
     Returns ``t``, ``scores`` (every metric at every t), the ``metric`` the barrier is
     measured on (the evaluator's first unless named) with its ``direction``,
     ``values``, ``barrier``, ``midpoint_barrier``, the alignment summary and the plot path.
+    ``on_point(t, scores)`` is called as each point is scored (for progress).
     """
     if steps < 3:
         raise ConfigError(f"--steps must be at least 3 (the endpoints and one point between), got {steps}")
@@ -86,6 +88,8 @@ def interpolate(
     for t in ts:
         load_into(model, blend(ea.state, state_b, t))
         scores.append({k: float(v) for k, v in evaluator.evaluate(model, tok, limit=limit).items()})
+        if on_point is not None:
+            on_point(t, scores[-1])
     values = [s[metric] for s in scores]
     barrier, mid = barriers(ts, values, metrics[metric])
     result: dict[str, Any] = {

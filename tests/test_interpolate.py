@@ -62,7 +62,9 @@ def pair(tmp_path_factory) -> tuple[Path, Path, Path]:
 def test_alignment_removes_the_barrier_of_a_permuted_copy(pair, tmp_path: Path) -> None:
     a, b, data = pair
     ev = LMLossEvaluator(data)
-    plain = interpolate(a, b, ev, steps=3)
+    seen: list = []
+    plain = interpolate(a, b, ev, steps=3, on_point=lambda t, scores: seen.append((t, scores)))
+    assert seen == list(zip(plain["t"], plain["scores"]))  # told point by point, in order
     assert plain["metric"] == "loss" and plain["direction"] == "minimize"
     assert plain["values"][0] == pytest.approx(plain["values"][-1], abs=1e-5)  # B computes what A does
     assert plain["midpoint_barrier"] > 0.05, plain["values"]
@@ -111,6 +113,8 @@ def test_cli_interpolate_prints_the_path_and_saves_a_plot(pair, tmp_path: Path, 
     code = main(["interpolate", str(a), str(b), "--evaluator", str(data), "--steps", "3", "--plot", str(plot)])
     text = capsys.readouterr().out
     assert code == 0 and "barrier" in text and "0.500" in text
+    lines = text.splitlines()
+    assert lines[0].split() == ["t", "samples/loss"] and [ln.split()[0] for ln in lines[1:4]] == ["0.000", "0.500", "1.000"]
     assert main(["interpolate", str(a), str(b), "--evaluator", str(tmp_path / "none.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
 
