@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from evomerge._paths import check_file_target
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.errors import ConfigError
-from evomerge._paths import check_file_target
 from evomerge.plots import save_figure
 
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from evomerge import __version__
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError
 from evomerge.pareto import (
     HOLDOUT_ATTR,
     OBJECTIVES_ATTR,
@@ -302,7 +302,6 @@ class SearchRun:
     ) -> dict[str, Any]:
         """Run until the budget (COMPLETE + PRUNED trials, or wall time) is spent."""
         import optuna
-        from optuna.trial import TrialState
 
         from evomerge.execute import build_executor
 

@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from evomerge._zoo_data import SKILLS, SPLITS, held_out_inputs, make_splits, pretrain_stream, read_jsonl, write_jsonl
 from evomerge._paths import check_folder_target
+from evomerge._zoo_data import SKILLS, SPLITS, held_out_inputs, make_splits, pretrain_stream, read_jsonl, write_jsonl
 from evomerge.errors import ConfigError
 
 ZOO_FORMAT = 1

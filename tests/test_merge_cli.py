@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from evomerge._testing import llama_config, write_family
 from evomerge.cli import main
@@ -112,7 +111,7 @@ BAD = {
     "mismatched shapes": (_shape_mismatch, "shape mismatch at tensor lm_head.weight"),
     "unknown method": (lambda f, t: TIES.format(root=f, density=0.5).replace("ties", "tiez"), "unknown merge method 'tiez'"),
     "density outside [0,1]": (lambda f, t: TIES.format(root=f, density=1.5), "density: 1.5 is outside [0, 1]"),
-    "empty model list": (lambda f, t: f"merge_method: linear\nmodels: []\n", "the model list is empty"),
+    "empty model list": (lambda f, t: "merge_method: linear\nmodels: []\n", "the model list is empty"),
     "malformed YAML": (lambda f, t: "merge_method: ties\nmodels: [ {model: a\n", "malformed YAML at line"),
     "truncated safetensors": (_truncated, "not a readable safetensors file"),
     "pickle without flag": (_pickle, "pickle checkpoint refused"),

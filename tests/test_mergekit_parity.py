@@ -7,7 +7,6 @@ environment). Max relative error is max|ours - mergekit| / max|mergekit| per ten
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest

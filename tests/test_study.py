@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import evomerge.evaluate
 from evomerge._testing import write_family
 from evomerge.cli import main
-from evomerge.errors import ConfigError
 from evomerge.study import SearchRun
 from tests._distance_eval import DistanceEvaluator
 
