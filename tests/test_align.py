@@ -147,6 +147,8 @@ def test_align_recovers_a_known_permutation_exactly(permuted_pair, tmp_path: Pat
     assert worst == 0.0, f"{method}: aligned B differs from A by {worst}"
     record = json.loads((out / "alignment.json").read_text())
     assert record["method"] == method and record["converged"] and len(record["permutations"]["mlp"]) == 2
+    if method == "activation":  # nothing propagates between groups: one pass, no confirming pass
+        assert record["passes"] == 1
     if alpha is None and method == "mudsc":  # the grid was tried and scored on held-out batches
         assert [g["alpha"] for g in record["grid"]] == [0.0, 0.25, 0.5, 0.75, 1.0]
         assert all(g["metric"] == "loss" for g in record["grid"])

@@ -17,7 +17,8 @@ Each permutation group is a linear assignment problem on a unit similarity matri
 Weight similarities depend on the neighbouring groups' permutations, so the groups
 are revisited in coordinate descent (residual, then attention and MLP of each layer)
 until a full pass changes no permutation; ``patience`` passes without a better
-summed assignment value, or ``max_passes``, end a search that cycles.
+summed assignment value, or ``max_passes``, end a search that cycles. With alpha 0
+(activations only) nothing propagates, so the first pass is final.
 
 Example:
     >>> import torch
@@ -116,7 +117,7 @@ def match_permutations(
         history.append(total)
         if progress is not None:
             progress(n_pass, total, changed)
-        if not changed:
+        if not changed or not use_w:  # activation similarities never change: one pass is final
             return MatchResult(perms, n_pass, True, history)
         if best is None or total > best[0] + 1e-9 * abs(best[0]):
             best, stale = (total, copy.deepcopy(perms)), 0
