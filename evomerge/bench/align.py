@@ -165,7 +165,7 @@ def bench_align(
         for metric, direction in directions.items():
             bar[metric], midbar[metric] = barriers(ts, [p[metric] for p in path], direction)
         row = {"row": name, "kind": "midpoint", "scores": mid, "midpoint_barrier": midbar, "barrier": bar, **extra}
-        log(f"{name:<22} midpoint {primary} {mid[primary]:.4g}  barrier {midbar[primary]:.4g}")
+        log(f"{name:<24} midpoint {primary} {mid[primary]:.4g}  barrier {midbar[primary]:.4g}")
         return row
 
     rows.append(path_row("no alignment", eb.state, {"method": None}))
