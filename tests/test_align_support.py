@@ -175,3 +175,24 @@ def test_residual_similarity_weighs_every_site_alike() -> None:
     stats = activation_moments(model, model, [{"input_ids": torch.randint(0, 48, (2, 6), generator=g)}])
     assert isinstance(stats["residual"], MeanOfSites) and len(stats["residual"].sites) == 3
     assert not any(k.startswith("residual.") for k in stats)
+
+
+def test_weight_matching_of_a_wide_mlp_starts_from_the_anchors() -> None:
+    """MLP 64x the width: before the MLP is matched its scrambled slices outweigh the
+    rest of a residual channel's weights; a first residual estimate from all of them
+    leads the descent to a wrong fixed point (it did), one from the embeddings, head
+    and norms does not."""
+    from evomerge.align.matching import match_permutations
+    from evomerge.align.weights import residual_moments
+
+    spec = LlamaSpec.from_config(llama_config(hidden=32, layers=1, intermediate=2048, heads=4, kv_heads=2))
+    g = torch.Generator().manual_seed(0)
+    a = {n: 0.02 * torch.randn(s, generator=g) for n, s in spec.tensor_shapes().items()}
+    copy = {n: t + 0.01 * torch.randn(t.shape, generator=g) for n, t in a.items()}  # B = A + noise, permuted
+    b = apply_permutations(copy, spec, random_permutations(spec, g))
+    res = match_permutations(spec, a, b, alpha=1.0)
+    undone = apply_permutations(b, spec, res.permutations)
+    assert res.converged and all(undone[k].equal(copy[k]) for k in copy)
+    full = residual_moments(spec, a, b, res.permutations)
+    anchors = residual_moments(spec, a, b, res.permutations, anchors_only=True)
+    assert anchors.n == spec.vocab_size * 2 + 3 < full.n  # embedding and head columns, three norms

@@ -18,7 +18,12 @@ Weight similarities depend on the neighbouring groups' permutations, so the grou
 are revisited in coordinate descent (residual, then attention and MLP of each layer)
 until a full pass changes no permutation; ``patience`` passes without a better
 summed assignment value, or ``max_passes``, end a search that cycles. With alpha 0
-(activations only) nothing propagates, so the first pass is final.
+(activations only) nothing propagates, so the first pass is final. In weight
+matching (alpha 1) the first residual estimate uses only the tensors no other
+permutation touches (embeddings, head, norms): before the MLP and attention are
+matched, their slices are scrambled noise that, in a wide model, outweighs the rest
+and leads the descent astray (with activations, the residual's activation
+similarity gives the start).
 
 Example:
     >>> import torch
@@ -100,7 +105,10 @@ def match_permutations(
     stale = 0
     for n_pass in range(1, max_passes + 1):
         changed, total = 0, 0.0
-        sim = mix(corr(W.residual_moments(spec, a, b, perms)) if use_w else None, act_corr.get("residual"), alpha)
+        # weights alone: the first estimate, every other group still unmatched, trusts only
+        # the anchors (with activations, their similarity is the anchor)
+        first = n_pass == 1 and init is None and alpha >= 1.0
+        sim = mix(corr(W.residual_moments(spec, a, b, perms, anchors_only=first)) if use_w else None, act_corr.get("residual"), alpha)
         p, value = assign(sim)
         changed += not p.equal(perms.residual)
         perms.residual, total = p, total + value

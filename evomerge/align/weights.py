@@ -48,14 +48,26 @@ def _without(perms: Permutations, spec: LlamaSpec, group: tuple) -> Permutations
     return p
 
 
-def residual_moments(spec: LlamaSpec, a: State, b: State, perms: Permutations) -> Moments:
-    """[hidden, hidden] moments of residual channels over every tensor that touches them."""
+# Tensors whose only permuted axis is the residual stream: embeddings, head, norms,
+# and the biases added to the stream.
+_ANCHORS = ("embed", "head", "norm", "o_bias", "out_bias")
+
+
+def residual_moments(spec: LlamaSpec, a: State, b: State, perms: Permutations, *, anchors_only: bool = False) -> Moments:
+    """[hidden, hidden] moments of residual channels over every tensor that touches them.
+
+    ``anchors_only``: only the tensors no other permutation touches (embeddings, head,
+    norms), for a first estimate made before the other groups are matched, which
+    the still-scrambled MLP and attention slices would otherwise drown.
+    """
     p = _without(perms, spec, ("residual",))
     total = None
     for name, ta in a.items():
         role, _ = tensor_role(name)
         if role.endswith("_bias") and role not in ("o_bias", "out_bias"):
             continue  # q/k/v/gate/up biases live on the other side of the projection
+        if anchors_only and role not in _ANCHORS:
+            continue
         tb = permute_tensor(name, b[name], spec, p)
         if ta.dim() == 1:
             total = add(total, Moments.of(ta[:, None], tb[:, None]))
