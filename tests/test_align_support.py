@@ -113,6 +113,8 @@ def test_align_run_sources_rewrites_and_reuses(tmp_path: Path) -> None:
     assert align_run_sources(out, tmp_path / "elsewhere") is out  # a frozen config is left alone
     with pytest.raises(ConfigError, match="sources.align.data: method mudsc needs data"):
         align_run_sources(dict(sources, align={"method": "mudsc"}), tmp_path / "x")
+    with pytest.raises(ConfigError, match="sources.align.data: unknown evaluators preset 'nope'"):
+        align_run_sources(dict(sources, align={"method": "mudsc", "data": "nope"}), tmp_path / "x")
     with pytest.raises(ConfigError, match="sources.align.to: expected base or first"):
         align_run_sources(dict(sources, align={"method": "weight", "to": "last"}), tmp_path / "x")
     assert json.loads((folder / ALIGNMENT_FILE).read_text())["request"]["model"] == str(other)

@@ -72,7 +72,10 @@ def align_run_sources(sources: dict[str, Any], out_dir: Path, *, base_dir: Optio
     if isinstance(data, str):
         from evomerge.align.resolve import resolve_data
 
-        data = resolve_data(data)
+        try:
+            data = resolve_data(data)
+        except ConfigError as exc:
+            raise ConfigError(f"sources.align.data: {exc}") from None
     originals: dict[str, str] = {}
     renamed: dict[str, str] = {}
     used: set[str] = set()
