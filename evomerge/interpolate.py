@@ -27,6 +27,7 @@ from evomerge._paths import check_file_target
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.errors import ConfigError
 from evomerge.plots import save_figure
+from evomerge.sources import check_tokenizer
 
 
 def barriers(ts: list[float], values: list[float], direction: str) -> tuple[float, float]:
@@ -75,6 +76,8 @@ def interpolate(
     ea, eb = Endpoint.load(a), Endpoint.load(b)
     spec = check_alignable(ea, eb)
     tok = tokenizer if tokenizer is not None else ea.tokenizer()
+    if tok is None and ea.path is not None and not getattr(evaluator, "tokenized", False):
+        check_tokenizer(ea.path, "interpolate")  # every point is scored with A's tokenizer
     state_b = eb.state
     align_summary = None
     if align is not None:

@@ -155,6 +155,15 @@ class SourceModel:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
 
+def check_tokenizer(path: Path, role: str) -> None:
+    """SourceError unless the folder holds tokenizer files; ``role`` says who needs them."""
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise SourceError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model...); "
+            f"{role} loads the tokenizer from this model: copy the tokenizer files of the model it came from"
+        )
+
+
 def layer_index(tensor_name: str) -> Optional[int]:
     """Decoder layer a tensor belongs to (``model.layers.7.mlp...`` -> 7), None outside layers."""
     m = _LAYER.search(tensor_name)

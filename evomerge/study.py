@@ -184,12 +184,13 @@ class SearchRun:
         from evomerge.evaluate import build_evaluator
         from evomerge.optimize import Objective, Scalarization, build_optimizer
         from evomerge.space import SearchSpace
-        from evomerge.sources import SourceModel, check_compatible
+        from evomerge.sources import SourceModel, check_compatible, check_tokenizer
 
         cfg = self.config
         refs = self.model_refs()
         self.sources = [SourceModel.open(r, allow_pickle=cfg.sources.allow_pickle) for r in refs]
         check_compatible(self.sources)
+        check_tokenizer(self.sources[0].path, "the search")  # the workers' tokenizer
         space_kwargs = dict(base_model=cfg.sources.base_model, models=cfg.sources.models, num_layers=self.sources[0].num_layers)
         if isinstance(cfg.search_space, str):
             self.space = SearchSpace.from_yaml(cfg.search_space, **space_kwargs)

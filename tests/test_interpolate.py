@@ -82,6 +82,20 @@ def test_interpolate_refuses_bad_settings(pair) -> None:
         interpolate(a, b, LMLossEvaluator(data), metric="bleu")
 
 
+def test_a_reference_without_a_tokenizer_is_named(pair, tmp_path: Path, capsys) -> None:
+    a, b, data = pair
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((a / f).read_bytes())
+    assert main(["interpolate", str(bare), str(b), "--evaluator", str(data), "--steps", "3", "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bare}: no tokenizer files" in err and "interpolate loads the tokenizer" in err and len(err.splitlines()) == 1
+    assert main(["align", "--reference", str(bare), "--model", str(b), "--data", str(data), "--out", str(tmp_path / "o")]) == 2
+    assert f"text data needs a tokenizer, and {bare} has none" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists() and not (tmp_path / "o").exists()
+
+
 def test_a_plot_path_that_cannot_be_a_file_fails_before_scoring(pair, tmp_path: Path, capsys) -> None:
     a, b, data = pair
     scored = []

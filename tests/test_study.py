@@ -186,6 +186,21 @@ def test_bad_configs_fail_before_any_model_loads(family, tmp_path, distance_eval
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_a_base_model_without_a_tokenizer_is_named_before_anything_runs(family, tmp_path, distance_evaluators, capsys):
+    """The workers load the tokenizer from the base model; evaluate from the folder it scores."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((family[0] / f).read_bytes())
+    sources = {"base_model": str(bare), "models": [str(family[1]), str(family[2])]}
+    code = main(["search", str(config(family, tmp_path, sources=sources)), "--runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"{bare}: no tokenizer files" in err and "the search loads the tokenizer" in err
+    assert not (tmp_path / "runs").exists()
+    assert main(["evaluate", str(bare), "--evaluator", "zoo_add"]) == 2
+    assert f"{bare}: no tokenizer files" in capsys.readouterr().err
+
+
 def test_front_members_are_rescored_on_the_holdout_split(family, tmp_path, monkeypatch):
     splits = []
 

@@ -112,7 +112,7 @@ def align_models(
     if need_act or (choose and validation is None):
         if data is None:
             raise ConfigError(f"method {method} needs data for activation statistics (pass --data: an evaluator or a .jsonl/text file)")
-        batches = token_batches(data, tok, batch_size=batch_size, max_length=max_length, max_examples=max_examples)
+        batches = token_batches(data, tok, batch_size=batch_size, max_length=max_length, max_examples=max_examples, tokenizer_of=a.ref)
         fit, held = split_batches(batches) if choose and validation is None else (batches, [])
     if need_act:
         t0 = time.perf_counter()

@@ -42,14 +42,16 @@ def token_batches(
     max_length: int = 128,
     max_examples: Optional[int] = 256,
     pad_id: int = 0,
+    tokenizer_of: str = "the reference model",
 ) -> list[Batch]:
     """Right-padded batches of at most ``batch_size`` sequences of at most ``max_length`` tokens.
 
     Data that already are batches (dicts with ``input_ids``) are returned as they are.
+    ``tokenizer_of`` names the model the tokenizer comes from, for the error when it has none.
     """
     if is_batches(data):
         return list(data)
-    seqs = _sequences(data, tokenizer, max_length=max_length)
+    seqs = _sequences(data, tokenizer, max_length=max_length, tokenizer_of=tokenizer_of)
     if max_examples is not None:
         seqs = seqs[:max_examples]
     seqs = [s[:max_length] for s in seqs if len(s) > 0]
@@ -124,7 +126,7 @@ def _record_text(record: Any, path: Path, n: int) -> str:
     raise ConfigError(f"{path}: record {n} has no text field (text, or {'/'.join(PROMPT_FIELDS)} with {'/'.join(ANSWER_FIELDS)})")
 
 
-def _sequences(data: Any, tokenizer: Any, *, max_length: int) -> list[list[int]]:
+def _sequences(data: Any, tokenizer: Any, *, max_length: int, tokenizer_of: str) -> list[list[int]]:
     if isinstance(data, torch.Tensor):
         if data.dim() != 2:
             raise ConfigError(f"token data must be [n, seq], got shape {list(data.shape)}")
@@ -132,7 +134,7 @@ def _sequences(data: Any, tokenizer: Any, *, max_length: int) -> list[list[int]]
     texts = texts_from(data)
     if texts is not None:
         if tokenizer is None:
-            raise ConfigError("text data needs a tokenizer (the reference model's)")
+            raise ConfigError(f"text data needs a tokenizer, and {tokenizer_of} has none (no tokenizer.json, tokenizer_config.json or tokenizer.model)")
         enc = tokenizer(texts, truncation=True, max_length=max_length)
         return [list(ids) for ids in enc["input_ids"]]
     if isinstance(data, Sequence) and data:

@@ -43,6 +43,11 @@ class LMLossEvaluator:
         if is_batches(data):
             self._batches = list(data)
 
+    @property
+    def tokenized(self) -> bool:
+        """True when the data are token batches already (no tokenizer needed)."""
+        return self._batches is not None
+
     def batches(self, tokenizer: Any = None) -> list[Batch]:
         if self._batches is None:
             self._batches = token_batches(self._data, tokenizer, **self._options)

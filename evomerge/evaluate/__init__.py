@@ -103,6 +103,9 @@ def load_model(model_dir: Union[str, Path], *, device: str = "cpu") -> tuple[Any
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: not a model folder (no config.json)")
+    from evomerge.sources import check_tokenizer
+
+    check_tokenizer(path, "evaluate")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
