@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 from evomerge import __version__
 from evomerge._paths import check_folder_target
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -266,7 +266,6 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_zoo(args: argparse.Namespace) -> int:
-    from evomerge.errors import ConfigError
     from evomerge.zoo import ZooRecipe, format_table, zoo
 
     if args.set and args.default:
@@ -495,7 +494,6 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
 def _run_bench_align(args: argparse.Namespace) -> int:
     from evomerge.align.resolve import resolve_data, resolve_evaluator
     from evomerge.bench.align import bench_align, bench_align_search, format_table
-    from evomerge.errors import ConfigError
 
     if args.search and (args.reference or args.model):
         raise ConfigError("bench align --search runs on the zoo only; leave out --reference and --model")
@@ -561,7 +559,6 @@ def _run_align(args: argparse.Namespace) -> int:
 
 
 def _floats(text: str, flag: str) -> list[float]:
-    from evomerge.errors import ConfigError
 
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -698,6 +695,11 @@ _VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+# Numeric options that mean a count, wherever a verb has them; --steps counts the
+# points of a path, endpoints included.
+_AT_LEAST = {"trials": 1, "workers": 1, "repeats": 1, "sources": 1, "params": 1, "threads": 1, "steps": 3}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -705,6 +707,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for attr in ("runs_dir", "workdir"):  # every verb's folders for runs, checked before any work
             if getattr(args, attr, None) is not None:
                 check_folder_target(getattr(args, attr), "--" + attr.replace("_", "-"))
+        for attr, least in _AT_LEAST.items():  # every verb's counts, the same way
+            value = getattr(args, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < least:
+                raise ConfigError(f"--{attr} must be at least {least:g}, got {value:g}")
         return int(args.handler(args) or 0)
     except EvomergeError as exc:
         print(f"evomerge {args.verb}: error: {exc}", file=sys.stderr)

@@ -97,5 +97,5 @@ def test_demo_bad_input_is_one_line(zoo_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="'count' is not a skill of the zoo in z .it has add, sort."):
         check_skills(SimpleNamespace(skills=["add", "sort"], root="z"), ["add", "count"])
     assert main(["demo", "--zoo", str(zoo_dir), "--runs-dir", str(tmp_path), "--trials", "0"]) == 2
-    assert "--trials and --workers must be at least 1" in capsys.readouterr().err
+    assert "--trials must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()

@@ -201,3 +201,21 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         assert code == 2 and err.startswith(f"evomerge {argv[0]}: error: {what} ") and "is a file, not a folder" in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "recipe.yaml"] and blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["zoo", "{tmp}/zoo", "--workers", "0"], "--workers must be at least 1, got 0"),
+        (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--trials", "0", "--runs-dir", "{tmp}/runs"], "--trials must be at least 1, got 0"),
+        (["bench", "merge", "--params", "0", "--workdir", "{tmp}/w"], "--params must be at least 1, got 0"),
+        (["bench", "merge", "--threads", "0", "--workdir", "{tmp}/w"], "--threads must be at least 1, got 0"),
+        (["bench", "align", "--steps", "2", "--zoo", "{tmp}/zoo"], "--steps must be at least 3, got 2"),
+        (["interpolate", "{tmp}/a", "{tmp}/b", "--evaluator", "zoo_add", "--steps", "1"], "--steps must be at least 3, got 1"),
+        (["bench", "evaluate", "--skill", "fly", "--zoo", "{tmp}/zoo"], "--skill: 'fly' is not a zoo skill"),
+    ],
+)
+def test_counts_below_their_minimum_fail_before_any_work(argv, words, tmp_path, capsys):
+    code, _, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # no zoo built, no run folder, no work folder
