@@ -76,34 +76,42 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="folder holding run folders (default: runs)")
     p.add_argument("--trials", type=int, help="budget: completed (or pruned) trials; overrides the config")
     p.add_argument("--timeout", type=float, help="budget: wall-clock seconds; overrides the config")
-    p.add_argument("--executor", choices=["serial", "ray"], help="where candidates run (default: the config's, else serial)")
     p.add_argument("--workers", type=int, help="parallel workers (slots); overrides the config")
-    p.add_argument("--cpus-per-worker", type=float, help="Ray: CPUs per worker, fractions allowed; torch threads = floor (default: CPUs / workers)")
-    p.add_argument("--gpus-per-worker", type=float, help="Ray: GPUs per worker, fractions allowed (workers then share a GPU)")
-    p.add_argument("--ray-address", help="Ray: join this cluster (HOST:PORT, auto, ray://...) instead of starting a local one")
-    p.add_argument("--ray-dashboard", action="store_true", default=None, help="Ray: start the local cluster with its dashboard")
+    _add_executor_options(p, "the config's, else serial")
     p.add_argument("--storage", help="Optuna storage URL (default: a journal file in the run folder)")
     p.add_argument("--seed", type=int, help="seed for the optimizer and random merge methods; overrides the config")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(handler=_run_search)
 
 
+def _add_executor_options(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--executor", choices=["serial", "ray"], help=f"where candidates run (default: {default})")
+    p.add_argument("--cpus-per-worker", type=float, help="Ray: CPUs per worker, fractions allowed; torch threads = floor (default: CPUs / workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="Ray: GPUs per worker, fractions allowed (workers then share a GPU)")
+    p.add_argument("--ray-address", help="Ray: join this cluster (HOST:PORT, auto, ray://...) instead of starting a local one")
+    p.add_argument("--ray-dashboard", action="store_true", default=None, help="Ray: start the local cluster with its dashboard")
+
+
+def _executor_overrides(args: argparse.Namespace) -> dict:
+    """executor.* fields the options set; a Ray option without --executor means Ray."""
+    out = {"kind": args.executor} if args.executor is not None else {}
+    for option in ("cpus_per_worker", "gpus_per_worker", "ray_address", "ray_dashboard"):
+        if getattr(args, option) is not None:
+            out[option] = getattr(args, option)
+            out.setdefault("kind", "ray")
+    return out
+
+
 def _run_search(args: argparse.Namespace) -> int:
     from evomerge.study import SearchRun
 
-    overrides = {}
+    overrides = {f"executor.{k}": v for k, v in _executor_overrides(args).items()}
     if args.trials is not None:
         overrides["budget.trials"] = args.trials
     if args.timeout is not None:
         overrides["budget.timeout"] = args.timeout
-    if args.executor is not None:
-        overrides["executor.kind"] = args.executor
     if args.workers is not None:
         overrides["executor.workers"] = args.workers
-    for option in ("cpus_per_worker", "gpus_per_worker", "ray_address", "ray_dashboard"):
-        if getattr(args, option) is not None:
-            overrides[f"executor.{option}"] = getattr(args, option)
-            overrides.setdefault("executor.kind", "ray")  # a Ray option without --executor means Ray
     if args.seed is not None:
         overrides["seed"] = args.seed
     run = SearchRun.create(args.config, runs_dir=args.runs_dir, name=args.name, storage=args.storage, overrides=overrides)
@@ -148,6 +156,7 @@ def _add_resume(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, help="total budget of completed (or pruned) trials; raise it to search longer")
     p.add_argument("--timeout", type=float, help="wall-clock seconds for this session")
     p.add_argument("--workers", type=int, help="parallel workers (slots) for this session")
+    _add_executor_options(p, "the run's; these options hold for this session only")
     p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
     p.set_defaults(handler=_run_resume)
@@ -157,6 +166,17 @@ def _run_resume(args: argparse.Namespace) -> int:
     from evomerge.study import SearchRun
 
     run = SearchRun.open(args.run_dir, storage=args.storage)
+    changes = _executor_overrides(args)
+    if changes:  # this session only: the frozen config.yaml keeps the run's own executor
+        from pydantic import ValidationError
+
+        from evomerge.errors import validation_message
+
+        try:
+            executor = type(run.config.executor).model_validate({**run.config.executor.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ConfigError(f"executor.{validation_message(exc)}") from None
+        run.config = run.config.model_copy(update={"executor": executor})
     return _search_and_report(run, args, trials=args.trials, timeout=args.timeout, workers=args.workers)
 
 

@@ -299,3 +299,28 @@ def test_bench_search_table_and_json_shape():
     assert "ray x2 / ray x1: 1.86x" in table and "1.05x the merged model" in table
     assert "warning: other processes used more than 10%" in table
     assert json.loads(json.dumps(result)) == result
+
+
+def test_resume_can_move_a_run_to_another_executor_for_one_session(family, tmp_path, monkeypatch, capsys):
+    """resume takes the same executor options as search; the frozen config keeps the run's own."""
+    seen = []
+
+    def fake_run(self, **kwargs):
+        self.load_study()  # the study exists, as after a real first session
+        seen.append(self.config.executor)
+        raise KeyboardInterrupt  # stop before any worker starts
+
+    monkeypatch.setattr(SearchRun, "run", fake_run)
+    assert main(["search", str(config(family, tmp_path)), "--runs-dir", str(tmp_path / "runs"), "--name", "r"]) == 130
+    run_dir = tmp_path / "runs" / "r"
+    frozen = (run_dir / "config.yaml").read_text()
+    assert main(["resume", str(run_dir), "--cpus-per-worker", "0.5", "--ray-address", "10.0.0.1:6379"]) == 130
+    assert main(["resume", str(run_dir), "--executor", "serial"]) == 130
+    first, second = seen[1], seen[2]
+    assert (first.kind, first.cpus_per_worker, first.ray_address) == ("ray", 0.5, "10.0.0.1:6379")
+    assert (second.kind, second.cpus_per_worker) == ("serial", None)
+    assert (run_dir / "config.yaml").read_text() == frozen
+    capsys.readouterr()
+    assert main(["resume", str(run_dir), "--cpus-per-worker", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evomerge resume: error: executor.cpus_per_worker: ") and len(err.splitlines()) == 1, err
