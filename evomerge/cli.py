@@ -166,17 +166,7 @@ def _run_resume(args: argparse.Namespace) -> int:
     from evomerge.study import SearchRun
 
     run = SearchRun.open(args.run_dir, storage=args.storage)
-    changes = _executor_overrides(args)
-    if changes:  # this session only: the frozen config.yaml keeps the run's own executor
-        from pydantic import ValidationError
-
-        from evomerge.errors import validation_message
-
-        try:
-            executor = type(run.config.executor).model_validate({**run.config.executor.model_dump(), **changes})
-        except ValidationError as exc:
-            raise ConfigError(f"executor.{validation_message(exc)}") from None
-        run.config = run.config.model_copy(update={"executor": executor})
+    run.use_executor(**_executor_overrides(args))  # this session only
     return _search_and_report(run, args, trials=args.trials, timeout=args.timeout, workers=args.workers)
 
 

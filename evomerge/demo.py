@@ -81,17 +81,9 @@ def demo(
             run = SearchRun.create(path, runs_dir=Path(runs_dir), name=RUN_NAME)
         finally:
             path.unlink()
-    ex = None
-    if executor is not None and executor != run.config.executor.kind:  # a continued run keeps its executor unless told
-        from evomerge.execute import build_executor
-
-        options = run.config.executor.ray_options() if executor == "ray" else {}
-        ex = build_executor(executor, run.worker_spec(), workers=workers, **options)
-    try:
-        summary = run.run(trials=trials, workers=workers, executor=ex, progress=not quiet)
-    finally:
-        if ex is not None:
-            ex.shutdown()
+    if executor is not None:  # a continued run keeps its executor unless told
+        run.use_executor(kind=executor)
+    summary = run.run(trials=trials, workers=workers, progress=not quiet)
     say(f"      {summary['n_complete']} complete, {summary['n_failed']} failed; front of {len(summary['pareto'])} models in {run_dir / 'pareto'}")
 
     say("[3/4] baselines: the usual recipes, scored on the held-out test split")

@@ -143,6 +143,22 @@ class SearchRun:
         run.check_study_matches()
         return run
 
+    def use_executor(self, **changes: Any) -> None:
+        """Run this session with other executor settings (``kind``, ``cpus_per_worker``...).
+
+        Only the live config changes: ``config.yaml`` keeps the run's own executor.
+        """
+        from pydantic import ValidationError
+
+        from evomerge.errors import validation_message
+
+        current = self.config.executor
+        try:
+            executor = type(current).model_validate({**current.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ConfigError(f"executor.{validation_message(exc)}") from None
+        self.config = self.config.model_copy(update={"executor": executor})
+
     def check_study_matches(self) -> None:
         """Refuse a config whose search space or objectives no longer fit the stored trials."""
         import optuna
