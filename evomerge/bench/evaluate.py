@@ -28,19 +28,15 @@ def bench_evaluate(
     """Time both evaluators on the zoo's ``skill`` specialist (the zoo is built if needed)."""
     import torch
 
+    from evomerge.bench.quality import check_skills
     from evomerge.evaluate import build_evaluator, load_model
     from evomerge.zoo import default_zoo_dir, zoo
 
-    from evomerge._zoo_data import SKILLS
-    from evomerge.errors import ConfigError
-
-    if skill not in SKILLS:
-        raise ConfigError(f"--skill: {skill!r} is not a zoo skill (it has {', '.join(SKILLS)})")
+    check_skills(None, [skill], flag="--skill", at_least=1)  # before a zoo is built for nothing
     if threads:
         torch.set_num_threads(threads)
     z = zoo(zoo_dir or default_zoo_dir(), progress=progress)
-    if skill not in z.skills:
-        raise ConfigError(f"--skill: {skill!r} is not a skill of the zoo in {z.root} (it has {', '.join(z.skills)})")
+    check_skills(z, [skill], flag="--skill", at_least=1)
     model, tokenizer = load_model(z.models[skill])
 
     t0 = time.perf_counter()

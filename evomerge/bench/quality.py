@@ -294,17 +294,17 @@ def _by_name(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(r for r in rows if r["name"] == name)
 
 
-def check_skills(z: Any, skills: Sequence[str]) -> None:
-    """Two or more different skills, each one the zoo has; one line otherwise.
+def check_skills(z: Any, skills: Sequence[str], *, flag: str = "--skills", at_least: int = 2) -> None:
+    """``at_least`` different skills, each one the zoo has; one line otherwise.
 
     ``z`` None checks the names against every skill a zoo can have, before one is built.
     """
     from evomerge._zoo_data import SKILLS
     from evomerge.errors import ConfigError
 
-    if len(skills) < 2 or len(set(skills)) != len(skills):
-        raise ConfigError(f"--skills: give two or more different skills, got {','.join(skills) or 'none'}")
+    if len(skills) < at_least or len(set(skills)) != len(skills):
+        raise ConfigError(f"{flag}: give two or more different skills, got {','.join(skills) or 'none'}")
     known, where = (list(SKILLS), "a zoo skill") if z is None else (z.skills, f"a skill of the zoo in {z.root}")
     unknown = [s for s in skills if s not in known]
     if unknown:
-        raise ConfigError(f"--skills: {unknown[0]!r} is not {where} (it has {', '.join(known)})")
+        raise ConfigError(f"{flag}: {unknown[0]!r} is not {where} (it has {', '.join(known)})")
