@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from evomerge import __version__
 from evomerge._paths import check_folder_target
@@ -306,7 +306,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="model folder")
     p.add_argument("--evaluator", "-e", action="append", required=True, metavar="NAME_OR_YAML", help="evaluator preset or YAML file (repeatable)")
     p.add_argument("--split", default=None, help="split to score, such as validation or test (default: the evaluator's)")
-    p.add_argument("--limit", type=float, default=None, help="a count, or a fraction in (0, 1], of the examples (a fixed subset)")
+    p.add_argument("--limit", default=None, help="a count, or a fraction in (0, 1], of the examples (a fixed subset)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run_evaluate)
@@ -315,10 +315,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from evomerge.evaluate import evaluate
 
-    limit = args.limit
-    if limit is not None and limit > 1 and float(limit).is_integer():
-        limit = int(limit)
-    scores = evaluate(args.model_dir, args.evaluator, split=args.split, limit=limit, device=args.device)
+    scores = evaluate(args.model_dir, args.evaluator, split=args.split, limit=_limit(args.limit), device=args.device)
     if args.json:
         print(json.dumps(scores, indent=2))
     else:
@@ -568,6 +565,25 @@ def _run_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(text: Optional[str]) -> Optional[Union[int, float]]:
+    """--limit as the evaluators take it: a count (``50``, ``1``) or a fraction (``0.1``, ``1.0``)."""
+    from evomerge.config import check_limit
+
+    if text is None:
+        return None
+    try:
+        value: Union[int, float] = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"--limit {text!r}: expected a count or a fraction") from None
+    try:
+        return check_limit(value)
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
+
+
 def _floats(text: str, flag: str) -> list[float]:
 
     try:
@@ -593,7 +609,7 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--align", choices=["weight", "activation", "mudsc"], help="align B to A first with this method")
     p.add_argument("--alpha", type=float, help="mudsc alpha (default: chosen on held-out data)")
     p.add_argument("--data", help="activation data for --align (default: the evaluator's)")
-    p.add_argument("--limit", type=float, help="evaluate on this many examples (or this fraction) only")
+    p.add_argument("--limit", help="evaluate on this many examples (or this fraction, such as 0.1) only")
     p.add_argument("--plot", type=Path, default=Path("interpolation.png"), help="PNG to write (default: interpolation.png)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=_run_interpolate)
@@ -603,11 +619,13 @@ def _run_interpolate(args: argparse.Namespace) -> int:
     from evomerge.align.resolve import resolve_data, resolve_evaluator
     from evomerge.interpolate import interpolate
 
+    limit = _limit(args.limit)
+    if args.align is None and (args.alpha is not None or args.data is not None):
+        raise ConfigError(f"{'--alpha' if args.alpha is not None else '--data'} applies with --align only")
     evaluator = resolve_evaluator(args.evaluator)
     data = None
     if args.align is not None:
         data = resolve_data(args.data) if args.data else resolve_data(args.evaluator)
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     metric = args.metric or next(iter(dict(evaluator.metrics)))
 
     def row(t: float, scores: dict[str, float]) -> None:  # each point as soon as it is scored

@@ -150,7 +150,7 @@ def check_limit(limit: Optional[Limit]) -> Optional[Limit]:
         if limit.is_integer() and limit > 1:
             return int(limit)
         if not 0.0 < limit <= 1.0:
-            raise ValueError(f"limit {limit}: a fraction must be in (0, 1]")
+            raise ValueError(f"limit {limit:g}: expected a whole count of at least 1 or a fraction in (0, 1]")
         return limit
     raise ValueError(f"limit {limit!r}: expected a count or a fraction")
 

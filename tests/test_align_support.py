@@ -85,6 +85,9 @@ def test_token_batches_from_files_and_evaluators(tmp_path: Path) -> None:
         token_batches(["abc"])
     with pytest.raises(ConfigError, match="not found"):
         token_batches(tmp_path / "missing.jsonl", tok)
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(ConfigError, match=r"blank.txt: no text or tokens to read \(empty data\)"):
+        token_batches(tmp_path / "blank.txt", tok)  # not the tokenizer's IndexError on an empty batch
     fit, held = split_batches(token_batches(torch.ones(10, 3, dtype=torch.long), batch_size=2))
     assert (len(fit), len(held)) == (4, 1)
 

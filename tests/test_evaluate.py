@@ -188,6 +188,11 @@ def test_cli_evaluate_prints_metrics(zoo, capsys):
     assert main(["evaluate", str(zoo.models["count"]), "-e", "zoo_count", "--limit", "50"]) == 0
     out = capsys.readouterr().out
     assert "zoo_count/accuracy" in out and "metric" in out
+    # "1" is one example (as in lm-eval), "1.0" all of them; 2.5 is neither
+    assert main(["evaluate", str(zoo.models["count"]), "-e", "zoo_count", "--limit", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["zoo_count/accuracy"] in (0.0, 1.0)
+    assert main(["evaluate", str(zoo.models["count"]), "-e", "zoo_count", "--limit", "2.5"]) == 2
+    assert capsys.readouterr().err.strip() == "evomerge evaluate: error: --limit 2.5: expected a whole count of at least 1 or a fraction in (0, 1]"
 
 
 @pytest.fixture

@@ -100,7 +100,7 @@ def test_metric_that_no_evaluator_produces(tmp_path, capsys, no_model, data):
         ("kind: nope\n", "kind: expected one of dataset, lm_eval, python"),
         ("kind: dataset\nmode: generate\nprompt: '{q}'\n", "target: generate mode needs a target"),
         ("kind: dataset\nmode: generate\ntarget: x\ndata_files: {test: DATA}\nsplit: validation\n", "split: no data file for split 'validation'"),
-        ("kind: dataset\nmode: generate\ntarget: x\ndata_files: {test: DATA}\nsplit: test\nlimit: 1.5\n", "limit: limit 1.5: a fraction must be in (0, 1]"),
+        ("kind: dataset\nmode: generate\ntarget: x\ndata_files: {test: DATA}\nsplit: test\nlimit: 1.5\n", "limit: limit 1.5: expected a whole count of at least 1 or a fraction in (0, 1]"),
         ("kind: dataset\nmode: generate\ntarget: '{}'\ndata_files: {test: DATA}\nsplit: test\n", "target: template"),
         ("kind: dataset\nmode: multiple_choice\ndata_files: {test: DATA}\nsplit: test\nchoices: options\nlabel: '{answer}'\n", "choices: field 'options' is not in the data"),
         ("kind: dataset\nmode: generate\ntarget: x\ndata_files: {test: DATA}\nsplit: test\nbatchsize: 3\n", "batchsize: unknown field"),

@@ -133,6 +133,29 @@ def test_cli_interpolate_prints_the_path_and_saves_a_plot(pair, tmp_path: Path, 
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--limit", "1.5"], "--limit 1.5: expected a whole count of at least 1 or a fraction in (0, 1]"),
+        (["--limit", "ten"], "--limit 'ten': expected a count or a fraction"),
+        (["--limit", "0"], "--limit 0: a count must be at least 1"),
+        (["--alpha", "0.5"], "--alpha applies with --align only"),
+        (["--data", "x.jsonl"], "--data applies with --align only"),
+        (["--evaluator", "EMPTY"], "empty.jsonl: no text or tokens to read (empty data)"),
+        (["--align", "activation", "--data", "EMPTY"], "empty.jsonl: no text or tokens to read (empty data)"),
+    ],
+)
+def test_interpolate_bad_options_are_one_line_before_scoring(pair, tmp_path: Path, capsys, extra: list[str], words: str) -> None:
+    a, b, data = pair
+    (tmp_path / "empty.jsonl").write_text("\n")
+    extra = [str(tmp_path / "empty.jsonl") if x == "EMPTY" else x for x in extra]
+    plot = tmp_path / "p.png"
+    assert main(["interpolate", str(a), str(b), "--evaluator", str(data), "--steps", "3", "--plot", str(plot), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not plot.exists()
+
+
 def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
     a, b, data = pair
     code = main(["bench", "align", "--reference", str(a), "--model", str(b), "--evaluator", str(data), "--data", str(data), "--alphas", "0,1", "--json"])

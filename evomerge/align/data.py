@@ -56,7 +56,7 @@ def token_batches(
         seqs = seqs[:max_examples]
     seqs = [s[:max_length] for s in seqs if len(s) > 0]
     if not seqs:
-        raise ConfigError(f"activation data {_describe(data)} holds no tokens")
+        raise ConfigError(f"{_describe(data)}: no text or tokens to read (empty data)")
     if tokenizer is not None and getattr(tokenizer, "pad_token_id", None) is not None:
         pad_id = int(tokenizer.pad_token_id)
     out = []
@@ -135,6 +135,8 @@ def _sequences(data: Any, tokenizer: Any, *, max_length: int, tokenizer_of: str)
     if texts is not None:
         if tokenizer is None:
             raise ConfigError(f"text data needs a tokenizer, and {tokenizer_of} has none (no tokenizer.json, tokenizer_config.json or tokenizer.model)")
+        if not texts:  # tokenizers fail on an empty batch; the error below says it better
+            return []
         enc = tokenizer(texts, truncation=True, max_length=max_length)
         return [list(ids) for ids in enc["input_ids"]]
     if isinstance(data, Sequence) and data:
