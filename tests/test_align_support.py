@@ -92,6 +92,18 @@ def test_token_batches_from_files_and_evaluators(tmp_path: Path) -> None:
     assert (len(fit), len(held)) == (4, 1)
 
 
+def test_lm_loss_limit_counts_like_the_other_evaluators() -> None:
+    """An int is a count of sequences, a float a fraction (1.0 = all), as in dataset evaluators."""
+    model, ev = _model(0), LMLossEvaluator(torch.randint(3, 20, (10, 12)), batch_size=4)
+    first = LMLossEvaluator(torch.randint(3, 20, (10, 12)), batch_size=4)
+    first._batches = [{k: v[:1] for k, v in ev.batches()[0].items()}]
+    assert ev.evaluate(model, None, limit=1.0) == ev.evaluate(model, None)
+    assert ev.evaluate(model, None, limit=1) == first.evaluate(model, None) == ev.evaluate(model, None, limit=0.1)
+    assert ev.evaluate(model, None, limit=1) != ev.evaluate(model, None)
+    with pytest.raises(ValueError, match="whole count"):
+        ev.evaluate(model, None, limit=1.5)
+
+
 # --------------------------------------------------------------------------- run sources
 def test_align_run_sources_rewrites_and_reuses(tmp_path: Path) -> None:
     cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)

@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 import torch
 
 from evomerge.align.data import Batch, is_batches, token_batches
+from evomerge.config import check_limit
 
 
 class LMLossEvaluator:
@@ -56,9 +57,10 @@ class LMLossEvaluator:
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, *, limit: Optional[Union[int, float]] = None) -> dict[str, float]:
         batches = self.batches(tokenizer)
-        if limit is not None:  # examples (an int) or a fraction of them (a float below 1)
+        if limit is not None:  # the first examples: a count (an int) or a fraction of them (a float, 1.0 = all)
+            limit = check_limit(limit)
             total = sum(len(b["input_ids"]) for b in batches)
-            left = int(limit) if limit >= 1 else max(1, math.ceil(limit * total))
+            left = limit if isinstance(limit, int) else max(1, math.ceil(limit * total))
             cut = []
             for b in batches:
                 if left <= 0:
