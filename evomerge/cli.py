@@ -138,8 +138,9 @@ def _search_and_report(run, args: argparse.Namespace, **budget) -> int:
             if m.get("holdout_values"):
                 held = "  held-out: " + "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["holdout_values"]) if v is not None)
             print(f"  trial {m['trial']:4d}  {vals}{held}")
+        more = summary["n_complete"] + summary["n_pruned"] + 50  # --trials is a total
         print(f"next: evomerge status {run.run_dir} | evomerge dashboard {run.run_dir} | "
-              f"evomerge export {run.run_dir} --trial N --out DIR | evomerge resume {run.run_dir} --trials MORE")
+              f"evomerge export {run.run_dir} --trial N --out DIR | evomerge resume {run.run_dir} --trials {more}")
     return 0
 
 
@@ -167,6 +168,10 @@ def _run_resume(args: argparse.Namespace) -> int:
 
     run = SearchRun.open(args.run_dir, storage=args.storage)
     run.use_executor(**_executor_overrides(args))  # this session only
+    budget, done = args.trials if args.trials is not None else run.config.budget.trials, run.trials_done()
+    if budget is not None and done >= budget:  # --trials is a total, not a number of trials more
+        print(f"{run.run_dir}: {done} trials done, budget {budget}: nothing to run; "
+              f"--trials is the total, e.g. --trials {done + 50} for 50 more", file=sys.stderr)
     return _search_and_report(run, args, trials=args.trials, timeout=args.timeout, workers=args.workers)
 
 

@@ -500,6 +500,11 @@ class SearchRun:
 
         return write
 
+    def trials_done(self) -> int:
+        """COMPLETE + PRUNED trials so far: what the trial budget counts."""
+        state = self._count(self.load_study())
+        return state.complete + state.pruned
+
     def _count(self, study: Any) -> RunState:
         from optuna.trial import TrialState
 

@@ -201,6 +201,19 @@ def test_resume_refuses_with_one_line(family, tmp_path, monkeypatch, capsys, mak
     assert message in err and err.count("\n") == 1
 
 
+def test_resume_below_the_trials_done_says_that_trials_is_a_total(family, tmp_path, capsys):
+    run = SearchRun.create(write_config(family, tmp_path / "t.yaml", budget={"trials": 3}), runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    capsys.readouterr()
+    assert main(["resume", str(run.run_dir), "--trials", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert f"{run.run_dir}: 3 trials done, budget 2: nothing to run; --trials is the total, e.g. --trials 53 for 50 more" in err
+    assert "\n3 complete" in "\n" + out and f"resume {run.run_dir} --trials 53" in out
+    assert main(["resume", str(run.run_dir), "--trials", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to run" not in err and "\n4 complete" in "\n" + out and "--trials 54" in out
+
+
 def test_unreachable_storage_fails_with_one_line(family, tmp_path, monkeypatch, capsys):
     cfg = write_config(family, tmp_path / "u.yaml")
     url = "postgresql://nobody@127.0.0.1:1/none"
