@@ -194,10 +194,21 @@ def _download(repo_id: str) -> Path:
             allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
         )
     except Exception as exc:  # noqa: BLE001 - network, auth, missing repo
-        raise SourceError(
-            f"model not found: {repo_id} is not a local folder and could not be downloaded from the hub ({_short(exc)})"
-        ) from None
+        raise SourceError(f"model not found: {repo_id} is not a local folder; {_hub_reason(exc)}") from None
     return Path(folder)
+
+
+def _hub_reason(exc: BaseException) -> str:
+    """Why a hub download failed, in the words a user acts on."""
+    from huggingface_hub import errors
+
+    if isinstance(exc, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError: test it first
+        return "the hub repository is gated: accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "the hub has no such repository, or it is private (log in with `hf auth login` or HF_TOKEN)"
+    if isinstance(exc, errors.LocalEntryNotFoundError):  # offline, or HF_HUB_OFFLINE=1, and not in the cache
+        return "the hub cannot be reached and the model is not in the local cache (offline?); pass a local folder"
+    return f"the hub download failed ({_short(exc)})"
 
 
 def _read_config(path: Path) -> dict:

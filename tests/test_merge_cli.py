@@ -219,3 +219,33 @@ def test_counts_below_their_minimum_fail_before_any_work(argv, words, tmp_path, 
     code, _, err = run_cli([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert list(tmp_path.iterdir()) == []  # no zoo built, no run folder, no work folder
+
+
+def _hub_error(cls, message: str):
+    exc = cls.__new__(cls)  # their constructors want an HTTP response
+    Exception.__init__(exc, message)
+    return exc
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("GatedRepoError", "the hub repository is gated: accept its terms on huggingface.co, then log in"),
+        ("RepositoryNotFoundError", "the hub has no such repository, or it is private"),
+        ("LocalEntryNotFoundError", "the hub cannot be reached and the model is not in the local cache (offline?); pass a local folder"),
+    ],
+)
+def test_a_hub_id_that_cannot_be_downloaded_says_why(name, words, family, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    def fail(repo_id, **_):
+        raise _hub_error(getattr(errors, name), f"{name} for {repo_id}")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: org/model-x\n  - model: {family / 'ft0'}\n")
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evomerge merge: error: model not found: org/model-x is not a local folder; ") and words in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
