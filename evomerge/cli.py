@@ -504,6 +504,7 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
 
 
 def _run_bench_align(args: argparse.Namespace) -> int:
+    from evomerge.align.api import _alphas
     from evomerge.align.resolve import resolve_data, resolve_evaluator
     from evomerge.bench.align import bench_align, bench_align_search, format_table
 
@@ -513,11 +514,16 @@ def _run_bench_align(args: argparse.Namespace) -> int:
     skills = [s.strip() for s in args.skills.split(",") if s.strip()]
     if args.search and len(skills) != 2:
         raise ConfigError(f"--skills: give two skills, A's and B's (got {args.skills!r})")
+    alphas = _floats(args.alphas, "--alphas")
+    try:
+        _alphas("mudsc", None, alphas)  # a bad grid fails before the first row is scored
+    except ConfigError as exc:
+        raise ConfigError(f"--alphas: {exc}") from None
     evaluators = [resolve_evaluator(args.evaluator)] if args.evaluator else None
     data = resolve_data(args.data) if args.data else None
     result = bench_align(
         zoo_dir=args.zoo, reference=args.reference, model=args.model, evaluators=evaluators, data=data,
-        alphas=_floats(args.alphas, "--alphas"), steps=args.steps, limit=args.limit, progress=not args.json,
+        alphas=alphas, steps=args.steps, limit=args.limit, progress=not args.json,
     )
     if args.search:
         result["search"] = bench_align_search(
@@ -729,8 +735,9 @@ _VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 # Numeric options that mean a count, wherever a verb has them; --steps counts the
-# points of a path, endpoints included.
-_AT_LEAST = {"trials": 1, "workers": 1, "repeats": 1, "sources": 1, "params": 1, "threads": 1, "steps": 3}
+# points of a path, endpoints included. (evaluate and interpolate take --limit as text:
+# a count or a fraction, read by _limit.)
+_AT_LEAST = {"trials": 1, "workers": 1, "repeats": 1, "sources": 1, "params": 1, "threads": 1, "steps": 3, "limit": 1}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

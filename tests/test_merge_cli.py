@@ -213,6 +213,10 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         (["bench", "align", "--steps", "2", "--zoo", "{tmp}/zoo"], "--steps must be at least 3, got 2"),
         (["interpolate", "{tmp}/a", "{tmp}/b", "--evaluator", "zoo_add", "--steps", "1"], "--steps must be at least 3, got 1"),
         (["bench", "evaluate", "--skill", "fly", "--zoo", "{tmp}/zoo"], "--skill: 'fly' is not a zoo skill"),
+        (["bench", "align", "--limit", "0", "--zoo", "{tmp}/zoo"], "--limit must be at least 1, got 0"),
+        (["bench", "search", "--limit", "-1", "--zoo", "{tmp}/zoo"], "--limit must be at least 1, got -1"),
+        (["bench", "align", "--alphas", "0,2", "--zoo", "{tmp}/zoo"], "--alphas: alpha must be between 0 and 1, got 2.0"),
+        (["bench", "merge", "--methods", "linear,tie", "--workdir", "{tmp}/w"], "--methods: unknown merge method 'tie'"),
     ],
 )
 def test_counts_below_their_minimum_fail_before_any_work(argv, words, tmp_path, capsys):

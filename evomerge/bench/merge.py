@@ -25,6 +25,7 @@ import torch
 
 from evomerge._testing import config_for_params, write_family
 from evomerge.merge.engine import MergeEngine
+from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Recipe
 from evomerge.sources import SourceModel
 
@@ -99,6 +100,8 @@ def bench_merge(
 ) -> dict[str, Any]:
     torch.set_num_threads(threads or os.cpu_count() or 1)
     methods = list(methods or DEFAULT_METHODS)
+    for method in methods:  # a typo fails before the family is built
+        get_method(method, where="--methods")
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cfg = config_for_params(n_params)
