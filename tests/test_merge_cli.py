@@ -253,3 +253,13 @@ def test_a_hub_id_that_cannot_be_downloaded_says_why(name, words, family, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.startswith("evomerge merge: error: model not found: org/model-x is not a local folder; ") and words in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_bench_merge_has_a_valid_recipe_for_every_method():
+    """`bench merge --methods M` works for every registered method (passthrough took 3 models)."""
+    from evomerge.bench.merge import bench_recipe, traffic_units
+    from evomerge.merge.methods import METHODS
+
+    for name in METHODS:
+        recipe = bench_recipe(name, "base", ["ft0", "ft1", "ft2"])
+        assert recipe.merge_method == name and traffic_units(name, 3) >= 2

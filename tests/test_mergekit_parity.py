@@ -72,7 +72,7 @@ def test_merge_into_live_model_equals_write(name, parity_dir, tmp_path, monkeypa
         assert torch.equal(loaded[k], v), k
 
 
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "task_arithmetic", "linear", "slerp", "nuslerp", "model_stock"])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "task_arithmetic", "linear", "slerp", "nuslerp", "model_stock", "passthrough"])
 def test_compiled_kernels_match_mergekit(name, parity_dir, tmp_path, monkeypatch):
     """The fused torch.compile path (used for large tensors) gives mergekit's numbers too."""
     monkeypatch.chdir(parity_dir)

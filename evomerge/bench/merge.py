@@ -7,6 +7,7 @@ model (read N bytes, write N bytes) and scales it to each method's traffic:
     task-vector methods: read the base and K task vectors, write the model -> K + 2
     linear:              read K models, write the model                     -> K + 1
     slerp:               read 2 models, write the model                     -> 3
+    passthrough:         read 1 model, write the model                      -> 2
 
 (DARE's cached draws, TIES' thresholds and other statistics are extra bytes the
 engine chooses to read; they count against the method, not the floor.)
@@ -66,6 +67,8 @@ def bench_recipe(method: str, base: str, models: list[str]) -> Recipe:
     if method == "nuslerp":
         entries = [{"model": m, "parameters": {"weight": [0.3, 0.6]}} for m in models[:2]]
         return Recipe.from_dict({"merge_method": method, "base_model": base, "models": entries})
+    if method == "passthrough":  # one model copied, scaled
+        return Recipe.from_dict({"merge_method": method, "models": [{"model": models[0], "parameters": {"scale": 0.5}}]})
     if method == "model_stock":
         return Recipe.from_dict({"merge_method": method, "base_model": base, "models": [{"model": m} for m in models]})
     entries = []
@@ -85,6 +88,8 @@ def traffic_units(method: str, k: int) -> int:
         return 3
     if method == "nuslerp":
         return 4
+    if method == "passthrough":
+        return 2
     return k + 2
 
 

@@ -284,7 +284,7 @@ class MergeEngine:
         """The merged value of one tensor in float32 (int tensors: the reference's).
 
         With ``out`` (a contiguous float32 tensor of the right shape) the fused kernels
-        of linear, slerp, nuslerp, model_stock and the task-vector methods write into it and return None; other
+        of linear, slerp, nuslerp, model_stock, passthrough and the task-vector methods write into it and return None; other
         methods return a tensor as usual.
         """
         method = M.get_method(recipe.merge_method)
@@ -326,7 +326,10 @@ class MergeEngine:
             )
         if kind == "passthrough":
             (only,) = plan.inputs
-            return M.passthrough(self._work(only, plan.name), plan.per_model[only]["scale"])
+            scale = plan.per_model[only]["scale"]
+            if out is not None:  # the fused kernel copies (and scales) straight into out: one read, one write
+                return self._weighted_sum([self._raw(only, plan.name)], [1.0 if scale is None else scale], out)
+            return M.passthrough(self._work(only, plan.name), scale)
         raise MergeError(f"merge method {recipe.merge_method} has no implementation")
 
     @staticmethod
