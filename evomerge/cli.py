@@ -504,7 +504,7 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
 
 
 def _run_bench_align(args: argparse.Namespace) -> int:
-    from evomerge.align.api import _alphas
+    from evomerge.align.api import alphas_to_try
     from evomerge.align.resolve import resolve_data, resolve_evaluator
     from evomerge.bench.align import bench_align, bench_align_search, format_table
 
@@ -516,7 +516,7 @@ def _run_bench_align(args: argparse.Namespace) -> int:
         raise ConfigError(f"--skills: give two skills, A's and B's (got {args.skills!r})")
     alphas = _floats(args.alphas, "--alphas")
     try:
-        _alphas("mudsc", None, alphas)  # a bad grid fails before the first row is scored
+        alphas_to_try("mudsc", None, alphas)  # a bad grid fails before the first row is scored
     except ConfigError as exc:
         raise ConfigError(f"--alphas: {exc}") from None
     evaluators = [resolve_evaluator(args.evaluator)] if args.evaluator else None

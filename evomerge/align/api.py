@@ -100,7 +100,7 @@ def align_models(
     computed beforehand (several alignments of one pair then share them).
     """
     start = time.perf_counter()
-    tried = _alphas(method, alpha, alphas)
+    tried = alphas_to_try(method, alpha, alphas)
     a, b = Endpoint.load(reference), Endpoint.load(model)
     spec = check_alignable(a, b)
     act = dict(activations) if activations is not None else None
@@ -187,7 +187,7 @@ def align_folder(
 
     out = Path(out)
     check_output_folder(out, overwrite)  # fail before any work
-    _alphas(method, alpha, options.get("alphas", DEFAULT_ALPHAS))
+    alphas_to_try(method, alpha, options.get("alphas", DEFAULT_ALPHAS))
     log = (lambda msg: print(msg, file=sys.stderr)) if progress else None
     a, b = Endpoint.load(reference), Endpoint.load(model)
     result = align_models(a, b, method=method, alpha=alpha, data=data, log=log, **options)
@@ -206,7 +206,7 @@ def align_folder(
     return summary
 
 
-def _alphas(method: str, alpha: Optional[float], alphas: Sequence[float]) -> list[float]:
+def alphas_to_try(method: str, alpha: Optional[float], alphas: Sequence[float]) -> list[float]:
     """The balance factors to try for a method; ConfigError on a bad combination."""
     if method not in METHODS:
         raise ConfigError(f"unknown alignment method {method!r} (known: {', '.join(METHODS)})")

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.align.api import ALIGNMENT_FILE, align_folder, _alphas
+from evomerge.align.api import ALIGNMENT_FILE, align_folder, alphas_to_try
 from evomerge.errors import ConfigError
 
 ALIGN_KEYS = ("method", "alpha", "data", "to", "originals")
@@ -46,7 +46,7 @@ def align_request(spec: dict[str, Any], where: str = "sources.align") -> dict[st
     if req["to"] not in ("base", "first"):
         raise ConfigError(f"{where}.to: expected base or first, got {req['to']!r}")
     try:
-        tried = _alphas(req["method"], req["alpha"], (0.0, 1.0))
+        tried = alphas_to_try(req["method"], req["alpha"], (0.0, 1.0))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     if any(a < 1.0 for a in tried) and not req["data"]:
