@@ -596,7 +596,6 @@ def _limit(text: Optional[str]) -> Optional[Union[int, float]]:
 
 
 def _floats(text: str, flag: str) -> list[float]:
-
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
