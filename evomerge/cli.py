@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from evomerge import __version__
 from evomerge._paths import check_folder_target
@@ -504,7 +504,6 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
 
 
 def _run_bench_align(args: argparse.Namespace) -> int:
-    from evomerge.align.api import alphas_to_try
     from evomerge.align.resolve import resolve_data, resolve_evaluator
     from evomerge.bench.align import bench_align, bench_align_search, format_table
 
@@ -514,11 +513,7 @@ def _run_bench_align(args: argparse.Namespace) -> int:
     skills = [s.strip() for s in args.skills.split(",") if s.strip()]
     if args.search and len(skills) != 2:
         raise ConfigError(f"--skills: give two skills, A's and B's (got {args.skills!r})")
-    alphas = _floats(args.alphas, "--alphas")
-    try:
-        alphas_to_try("mudsc", None, alphas)  # a bad grid fails before the first row is scored
-    except ConfigError as exc:
-        raise ConfigError(f"--alphas: {exc}") from None
+    alphas = _alpha_grid(args.alphas)  # a bad grid fails before the first row is scored
     evaluators = [resolve_evaluator(args.evaluator)] if args.evaluator else None
     data = resolve_data(args.data) if args.data else None
     result = bench_align(
@@ -560,7 +555,13 @@ def _run_align(args: argparse.Namespace) -> int:
     from evomerge.align import align_folder
     from evomerge.align.resolve import resolve_data
 
-    options = {"alphas": _floats(args.alphas, "--alphas")} if args.alphas else {}
+    options: dict[str, Any] = {}
+    if args.alphas is not None:
+        if args.method != "mudsc":
+            raise ConfigError(f"--alphas applies to --method mudsc only; {args.method} has no alpha to choose")
+        if args.alpha is not None:
+            raise ConfigError("--alphas applies when --alpha is not given; pass one of them")
+        options["alphas"] = _alpha_grid(args.alphas)
     data = resolve_data(args.data) if args.data else None
     summary = align_folder(
         args.reference, args.model, args.out, method=args.method, alpha=args.alpha, data=data,
@@ -600,6 +601,18 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _alpha_grid(text: str) -> list[float]:
+    """--alphas as mudsc takes it: comma-separated values in [0, 1], at least one."""
+    from evomerge.align.api import alphas_to_try
+
+    alphas = _floats(text, "--alphas")
+    try:
+        alphas_to_try("mudsc", None, alphas)
+    except ConfigError as exc:
+        raise ConfigError(f"--alphas: {exc}") from None
+    return alphas
 
 
 # --------------------------------------------------------------------------- interpolate

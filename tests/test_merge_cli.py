@@ -217,6 +217,10 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         (["bench", "search", "--limit", "-1", "--zoo", "{tmp}/zoo"], "--limit must be at least 1, got -1"),
         (["bench", "align", "--alphas", "0,2", "--zoo", "{tmp}/zoo"], "--alphas: alpha must be between 0 and 1, got 2.0"),
         (["bench", "merge", "--methods", "linear,tie", "--workdir", "{tmp}/w"], "--methods: unknown merge method 'tie'"),
+        (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alphas", "", "--out", "{tmp}/o"], "--alphas: the alpha grid is empty"),
+        (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alphas", "0,1.5", "--out", "{tmp}/o"], "--alphas: alpha must be between 0 and 1, got 1.5"),
+        (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--method", "weight", "--alphas", "0,1", "--out", "{tmp}/o"], "--alphas applies to --method mudsc only"),
+        (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alpha", "0.5", "--alphas", "0,1", "--out", "{tmp}/o"], "--alphas applies when --alpha is not given"),
     ],
 )
 def test_counts_below_their_minimum_fail_before_any_work(argv, words, tmp_path, capsys):
