@@ -74,6 +74,7 @@ class SearchRun:
         self.name = config.name or self.run_dir.name
         self.base_dir = base_dir
         self.storage_url = storage
+        self._storage: Any = None  # one per run object: a journal file is replayed once, then read incrementally
         self._validate()
 
     # ------------------------------------------------------------------ set-up
@@ -279,6 +280,12 @@ class SearchRun:
 
     # ------------------------------------------------------------------ study
     def storage(self) -> Any:
+        """The run's Optuna storage, opened once: each fresh journal storage replays the whole file."""
+        if self._storage is None:
+            self._storage = self._open_storage()
+        return self._storage
+
+    def _open_storage(self) -> Any:
         import optuna
 
         if self.storage_url:

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from optuna.storages.journal import JournalFileBackend
 
 from evomerge._testing import write_family
 from evomerge.cli import main
@@ -201,7 +202,7 @@ def test_resume_refuses_with_one_line(family, tmp_path, monkeypatch, capsys, mak
     assert message in err and err.count("\n") == 1
 
 
-def test_resume_below_the_trials_done_says_that_trials_is_a_total(family, tmp_path, capsys):
+def test_resume_below_the_trials_done_says_that_trials_is_a_total(family, tmp_path, capsys, monkeypatch):
     run = SearchRun.create(write_config(family, tmp_path / "t.yaml", budget={"trials": 3}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     capsys.readouterr()
@@ -209,9 +210,13 @@ def test_resume_below_the_trials_done_says_that_trials_is_a_total(family, tmp_pa
     out, err = capsys.readouterr()
     assert f"{run.run_dir}: 3 trials done, budget 2: nothing to run; --trials is the total, e.g. --trials 53 for 50 more" in err
     assert "\n3 complete" in "\n" + out and f"resume {run.run_dir} --trials 53" in out
+    replays = []
+    read_logs = JournalFileBackend.read_logs
+    monkeypatch.setattr(JournalFileBackend, "read_logs", lambda self, start: replays.append(start) or read_logs(self, start))
     assert main(["resume", str(run.run_dir), "--trials", "4"]) == 0
     out, err = capsys.readouterr()
     assert "nothing to run" not in err and "\n4 complete" in "\n" + out and "--trials 54" in out
+    assert replays.count(0) == 1, replays  # the journal is replayed once, then read from where it left off
 
 
 def test_unreachable_storage_fails_with_one_line(family, tmp_path, monkeypatch, capsys):
