@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -324,3 +326,13 @@ def test_resume_can_move_a_run_to_another_executor_for_one_session(family, tmp_p
     assert main(["resume", str(run_dir), "--cpus-per-worker", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("evomerge resume: error: executor.cpus_per_worker: ") and len(err.splitlines()) == 1, err
+
+
+def test_a_search_on_its_own_local_cluster_prints_no_ray_chatter(family, tmp_path):
+    """A fresh local cluster per search: the terminal shows the search, not Ray's start-up notes."""
+    cfg = config(family, tmp_path, budget={"trials": 2})
+    argv = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--executor", "ray", "--workers", "1", "--json"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=240, env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["n_complete"] == 2
+    assert proc.stderr.strip() == ""  # e.g. no "Token authentication is enabled for this Ray cluster"

@@ -96,6 +96,20 @@ from evomerge.worker import Job, JobResult, Worker, WorkerSpec
 
 _logger = logging.getLogger(__name__)
 
+
+class _QuietDefaultTokenAuth(logging.Filter):
+    """Drops Ray's note that a new local cluster uses token authentication, its own default.
+
+    Ray prints it at every start of a local cluster; evomerge starts one per search, and
+    the note asks nothing of the user. Every other authentication message passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_QuietDefaultTokenAuth())
+
 #: Errors meaning "the process running the job is gone", not "the job failed".
 _DEATHS: tuple[type[BaseException], ...] = tuple(
     getattr(rex, n)
