@@ -763,6 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             value = getattr(args, attr, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < least:
                 raise ConfigError(f"--{attr} must be at least {least:g}, got {value:g}")
+        timeout = getattr(args, "timeout", None)
+        if timeout is not None and not timeout > 0:  # seconds of wall time; `not >` also catches nan
+            raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")
         return int(args.handler(args) or 0)
     except EvomergeError as exc:
         print(f"evomerge {args.verb}: error: {exc}", file=sys.stderr)

@@ -215,6 +215,8 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         (["bench", "evaluate", "--skill", "fly", "--zoo", "{tmp}/zoo"], "--skill: 'fly' is not a zoo skill"),
         (["bench", "align", "--limit", "0", "--zoo", "{tmp}/zoo"], "--limit must be at least 1, got 0"),
         (["bench", "search", "--limit", "-1", "--zoo", "{tmp}/zoo"], "--limit must be at least 1, got -1"),
+        (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--timeout", "-5", "--runs-dir", "{tmp}/runs"], "--timeout must be more than 0 seconds, got -5"),
+        (["resume", "{tmp}/runs/x", "--timeout", "0"], "--timeout must be more than 0 seconds, got 0"),
         (["bench", "align", "--alphas", "0,2", "--zoo", "{tmp}/zoo"], "--alphas: alpha must be between 0 and 1, got 2.0"),
         (["bench", "merge", "--methods", "linear,tie", "--workdir", "{tmp}/w"], "--methods: unknown merge method 'tie'"),
         (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alphas", "", "--out", "{tmp}/o"], "--alphas: the alpha grid is empty"),
