@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import optuna
 import pytest
+import yaml
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -442,12 +443,33 @@ def test_waiting_trials_are_asked_first_by_a_sampler():
         (lambda: build_optimizer("cma", space(), LOSS, options={"x0": {"nope": 1}}), "x0 names 'nope'"),
         (lambda: build_optimizer("cma", space(), LOSS, options={"sigma0": -1}), "sigma0 must be > 0"),
         (lambda: build_optimizer("cma", {"x": FloatDistribution(0, 1)}, LOSS), "at least 2 parameters"),
+        # option values of the wrong type: refused up front, not a TypeError deep in the sampler mid-search
+        (lambda: build_optimizer("tpe", space(), LOSS, options={"n_startup_trials": "x"}),
+         "optimizer 'tpe': option n_startup_trials takes int, got 'x'"),
+        (lambda: build_optimizer("tpe", space(), LOSS, options={"n_startup_trials": True}), "n_startup_trials takes int, got True"),
+        (lambda: build_optimizer("nsga2", space(), TWO, options={"crossover_prob": "high"}), "crossover_prob takes float, got 'high'"),
+        (lambda: build_optimizer("gp", space(), LOSS, options={"deterministic_objective": "maybe"}), "takes bool, got 'maybe'"),
+        (lambda: build_optimizer("cma", space(), LOSS, options={"restarts": "x"}), "option restarts must be a number, got 'x'"),
+        (lambda: build_optimizer("cma", space(), LOSS, options={"popsize": 4.5}), "option popsize must be a whole number, got 4.5"),
+        (lambda: build_optimizer("cma", space(), LOSS, options={"penalty": "low"}), "option penalty must be a number, got 'low'"),
+        (lambda: build_optimizer("cma", space(), LOSS, options={"tolfun": "abc"}),
+         "option tolfun must be a number (pycma's default is 1e-11), got 'abc'"),
     ],
 )
 def test_config_errors_are_one_line(call, needle):
     with pytest.raises(ConfigError) as info:
         call()
     assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_option_values_yaml_reads_as_text_are_taken_as_numbers():
+    """YAML reads ``1e-3`` (no dot) and quoted numbers as strings; the samplers get the numbers."""
+    options = yaml.safe_load("mutation_prob: 1e-3\npopulation_size: '6'")
+    assert options == {"mutation_prob": "1e-3", "population_size": "6"}
+    opt = build_optimizer("nsga2", space(), TWO, seed=0, options=options)
+    assert opt.sampler()._population_size == 6 and opt.sampler()._child_generation_strategy._mutation_prob == 0.001
+    cma_opt = build_optimizer("cma", space(), LOSS, seed=0, options=yaml.safe_load("tolfun: 1e-3\nmaxiter: 100*N"))
+    assert cma_opt._es.opts.eval("tolfun") == 0.001 and cma_opt._es.opts.eval("maxiter") == 100 * len(space())
 
 
 def test_registry_names():

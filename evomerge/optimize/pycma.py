@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import pickle
 import tempfile
@@ -122,19 +123,16 @@ class CmaOptimizer(Optimizer):
         self._x0 = self._parse_x0(options.get("x0"))
         self._sigma0 = self._positive("sigma0", options.get("sigma0", 0.25))
         popsize = options.get("popsize")
-        self._restarts = int(options.get("restarts", 9))
-        if self._restarts < 0:
-            raise ConfigError(f"optimizer 'cma': option restarts must be >= 0, got {self._restarts}")
+        self._restarts = self._whole("restarts", options.get("restarts", 9), least=0)
         penalty = options.get("penalty")
-        self._penalty: float | None = None if penalty is None else float(penalty)
+        self._penalty: float | None = None if penalty is None else self._number("penalty", penalty)
         self._pycma_opts = {k: v for k, v in options.items() if k not in _OWN_OPTIONS}
 
         # pycma would otherwise draw from numpy's global RNG: keep our own, pickled with the ES.
         self._rng = np.random.RandomState(self.seed)
         if popsize is not None:
-            popsize = int(self._positive("popsize", popsize))
-            if popsize < 2:
-                raise ConfigError(f"optimizer 'cma': option popsize must be >= 2, got {popsize}")
+            popsize = self._whole("popsize", popsize, least=2)
+        self._check_pycma_values(popsize)
         self._es = self._new_es(self._x0, popsize)
         self._popsize0: int = int(self._es.popsize)
         self._generation = 0  # generations told so far, across restarts
@@ -153,14 +151,46 @@ class CmaOptimizer(Optimizer):
         return _OWN_OPTIONS | (frozenset(cma.CMAOptions()) - _MANAGED_PYCMA)
 
     @staticmethod
-    def _positive(key: str, value: Any) -> float:
+    def _number(key: str, value: Any) -> float:
+        if isinstance(value, bool):
+            raise ConfigError(f"optimizer 'cma': option {key} must be a number, got {value!r}")
         try:
-            v = float(value)
+            return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"optimizer 'cma': option {key} must be a number, got {value!r}") from None
+
+    @classmethod
+    def _positive(cls, key: str, value: Any) -> float:
+        v = cls._number(key, value)
         if not v > 0:
             raise ConfigError(f"optimizer 'cma': option {key} must be > 0, got {value!r}")
         return v
+
+    @classmethod
+    def _whole(cls, key: str, value: Any, *, least: int) -> int:
+        v = cls._number(key, value)
+        if v != int(v) if np.isfinite(v) else True:
+            raise ConfigError(f"optimizer 'cma': option {key} must be a whole number, got {value!r}")
+        if v < least:
+            raise ConfigError(f"optimizer 'cma': option {key} must be >= {least}, got {value!r}")
+        return int(v)
+
+    def _check_pycma_values(self, popsize: int | None) -> None:
+        """A pycma option whose default is a number must be one: pycma fails on it mid-search."""
+        dim = self._cube.dim
+        loc = {"N": dim, "dim": dim, "popsize": popsize or 4 + int(3 * math.log(dim))}
+        defaults = cma.CMAOptions()
+        for key, given in self._pycma_opts.items():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "'x' is not a safe string": the error below says it
+                    default = defaults.eval(key, loc=loc)
+                    value = cma.CMAOptions({key: given}).eval(key, loc=loc)
+            except Exception:  # noqa: BLE001 - an expression pycma itself cannot read: left to pycma
+                continue
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and not isinstance(value, (int, float)):
+                raise ConfigError(f"optimizer 'cma': option {key} must be a number (pycma's default is {default:g}), got {given!r}")
 
     def _parse_x0(self, x0: Any) -> np.ndarray:
         if x0 is None:

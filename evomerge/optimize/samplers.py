@@ -37,6 +37,7 @@ import optuna
 from optuna.trial import Trial
 
 from evomerge.errors import ConfigError
+from evomerge.optimize._option_types import check_option_types
 from evomerge.optimize.base import Optimizer, register
 
 __all__ = [
@@ -63,7 +64,7 @@ class SamplerOptimizer(Optimizer):
                 f"optimizer {self.name!r} needs the {self.requires!r} package: "
                 f"pip install {self.requires}, or pick another optimizer"
             )
-        self._options = dict(options)
+        self._options = check_option_types(f"optimizer {self.name!r}", self.sampler_cls.__init__, options)
         self._sampler = self._make_sampler(self.seed)
 
     @classmethod
