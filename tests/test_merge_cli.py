@@ -115,6 +115,14 @@ BAD = {
     "malformed YAML": (lambda f, t: "merge_method: ties\nmodels: [ {model: a\n", "malformed YAML at line"),
     "truncated safetensors": (_truncated, "not a readable safetensors file"),
     "pickle without flag": (_pickle, "pickle checkpoint refused"),
+    "linear weights summing to 0": (
+        lambda f, t: f"merge_method: linear\nmodels:\n  - {{model: {f}/ft0, parameters: {{weight: 0.5}}}}\n  - {{model: {f}/ft1, parameters: {{weight: -0.5}}}}\n",
+        "the weights of tensor lm_head.weight sum to 0, and normalize divides by their sum",  # the output would be all nan
+    ),
+    "linear without weights": (
+        lambda f, t: f"merge_method: linear\nmodels:\n  - {{model: {f}/ft0}}\n  - {{model: {f}/ft1}}\n",
+        "missing required parameter 'weight' for model",
+    ),
 }
 
 

@@ -134,6 +134,12 @@ class MergeEngine:
                 for m, p in per_model.items():
                     if 0 < p["density"] < 1:
                         M.della_probabilities(torch.zeros(()), p["density"], p["epsilon"])
+            if method.kind == "linear" and shared["normalize"] and abs(sum(p["weight"] for p in per_model.values())) < 1e-8:
+                # normalize divides by the weights' sum: every value of the tensor would be nan or inf
+                raise MergeError(
+                    f"linear: the weights of tensor {name} sum to 0, and normalize divides by their sum; "
+                    "give a non-zero weight or set normalize: false"
+                )
             plans.append(TensorPlan(name, t, shared, inputs, per_model))
         return plans
 
@@ -143,7 +149,8 @@ class MergeEngine:
         if value is None:
             if spec.required:
                 who = f"model {model}, " if model else ""
-                raise MergeError(f"missing required parameter '{spec.name}' for {who}tensor {tensor}")
+                where = "that model's parameters, or the recipe's parameters for every model" if model else "the recipe's parameters"
+                raise MergeError(f"missing required parameter '{spec.name}' for {who}tensor {tensor}: set it in {where}")
             return spec.default
         where = f"parameter '{spec.name}' for {'model ' + model + ', ' if model else ''}tensor {tensor}"
         return spec.validate(value, where=where)
