@@ -119,6 +119,8 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _search_and_report(run, args: argparse.Namespace, **budget) -> int:
+    from evomerge.status import format_errors
+
     try:
         summary = run.run(progress=not args.json, **budget)
     except KeyboardInterrupt:
@@ -141,6 +143,13 @@ def _search_and_report(run, args: argparse.Namespace, **budget) -> int:
         more = summary["n_complete"] + summary["n_pruned"] + 50  # --trials is a total
         print(f"next: evomerge status {run.run_dir} | evomerge dashboard {run.run_dir} | "
               f"evomerge export {run.run_dir} --trial N --out DIR | evomerge resume {run.run_dir} --trials {more}")
+    for line in format_errors(summary.get("errors", [])):
+        print(line, file=sys.stderr)
+    if summary.get("stopped"):
+        # The budget is not spent: say so in the exit code, so that scripts do not take it for a finished run.
+        print(f"evomerge {args.verb}: error: stopped early, {summary['stopped']}; "
+              f"fix the cause above, then: evomerge resume {run.run_dir}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,7 +56,51 @@ def status(run_dir: Path, *, storage: Optional[str] = None) -> dict[str, Any]:
         "trials_per_hour": len(done) / span * 3600 if span > 0 else None,
         "merge_seconds": merge_s,
         "eval_seconds": eval_s,
+        "errors": grouped_errors([(t.number, t.user_attrs.get("error", "no error recorded")) for t in trials if t.state == TrialState.FAIL]),
     }
+
+
+def grouped_errors(errors: list[tuple[int, str]]) -> list[dict[str, Any]]:
+    """Distinct errors of failed trials, most frequent first, with the trials each hit.
+
+    >>> grouped_errors([(3, "boom"), (4, "nan"), (5, "boom")])
+    [{'error': 'boom', 'trials': [3, 5]}, {'error': 'nan', 'trials': [4]}]
+    """
+    groups: dict[str, list[int]] = {}
+    for number, error in errors:
+        groups.setdefault(error, []).append(number)
+    return [{"error": e, "trials": t} for e, t in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+
+
+def format_errors(groups: list[dict[str, Any]], most: int = 3) -> list[str]:
+    """One line per distinct error, the most frequent first.
+
+    >>> format_errors([{"error": "boom", "trials": [0, 1, 2, 5]}, {"error": "nan", "trials": [4]}])
+    ['4 trials failed (0-2, 5): boom', '1 trial failed (4): nan']
+    """
+    lines = []
+    for g in groups[:most]:
+        n = len(g["trials"])
+        lines.append(f"{n} trial{'s' if n != 1 else ''} failed ({trial_ranges(g['trials'])}): {g['error']}")
+    if len(groups) > most:
+        lines.append(f"... and {len(groups) - most} other errors (evomerge status --json lists them all)")
+    return lines
+
+
+def trial_ranges(trials: list[int], most: int = 4) -> str:
+    """Trial numbers in short: runs of consecutive numbers as ranges.
+
+    >>> trial_ranges([0, 1, 2, 3, 7, 9, 10]), trial_ranges(list(range(0, 20, 2)), most=3)
+    ('0-3, 7, 9-10', '0, 2, 4 and 7 more')
+    """
+    runs: list[list[int]] = []
+    for n in sorted(trials):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    parts = [f"{a}-{b}" if b > a else str(a) for a, b in runs]
+    return ", ".join(parts[:most]) + (f" and {len(parts) - most} more" if len(parts) > most else "")
 
 
 def format_status(s: dict[str, Any]) -> str:
@@ -65,7 +109,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"run {s['study']} ({s['run_dir']})",
         f"trials: {s['n_complete']} complete, {s['n_pruned']} pruned, {s['n_failed']} failed, {s['n_running']} running"
         + (f" (budget {s['budget']['trials']})" if s["budget"].get("trials") else ""),
-        "best: " + ", ".join(f"{k} = {v:.4g}" for k, v in s["best"].items()),
+        "best: " + (", ".join(f"{k} = {v:.4g}" for k, v in s["best"].items()) or "none yet (no trial complete)"),
         f"hypervolume: {s['hypervolume']:.4g}",
     ]
     if s["trials_per_hour"]:
@@ -79,4 +123,5 @@ def format_status(s: dict[str, Any]) -> str:
         if m["holdout_values"]:
             held = "  held-out " + "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["holdout_values"]) if v is not None)
         lines.append(f"  trial {m['trial']:4d}  {vals}{held}  {m['path']}")
+    lines += format_errors(s.get("errors", []))
     return "\n".join(lines)

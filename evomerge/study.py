@@ -36,6 +36,7 @@ from evomerge.pareto import (
     write_json_atomic,
 )
 from evomerge.run_config import RunConfig, load_run_config, parse_run_config
+from evomerge.status import grouped_errors
 from evomerge.worker import EvaluatorSpec, Job, JobResult, WorkerSpec
 
 CONFIG_NAME = "config.yaml"
@@ -63,6 +64,12 @@ class RunState:
     eval_seconds: float = 0.0
     best: dict[str, float] = field(default_factory=dict)
     front_size: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (trial, error) failed in this session
+
+
+#: A session stops asking when this many of its trials failed and none finished: a broken
+#: evaluator or source fails every trial alike, and each failure may cost a full evaluation.
+FAILURES_BEFORE_ANY_SUCCESS = 10
 
 
 class SearchRun:
@@ -351,7 +358,9 @@ class SearchRun:
         state = self._count(study)
         pending: dict[int, _Pending] = {}
         start = time.monotonic()
-        max_failures = max(10, 2 * (budget or 10))
+        done_before = state.complete + state.pruned  # failures count per session: a resume starts afresh
+        max_failures = max(FAILURES_BEFORE_ANY_SUCCESS, 2 * (budget or 10))
+        stopped = None
         bar = _Progress(progress, budget, self.objectives)
         try:
             with bar:
@@ -360,14 +369,20 @@ class SearchRun:
                     done = state.complete + state.pruned
                     remaining = None if budget is None else budget - done - len(pending)
                     free = executor.slots - executor.in_flight()
-                    if not time_up and free > 0 and (remaining is None or remaining > 0) and state.failed < max_failures:
+                    failed = len(state.errors)
+                    if failed >= max_failures or (failed >= FAILURES_BEFORE_ANY_SUCCESS and done == done_before):
+                        stopped = f"{failed} trials failed in this session" + ("" if done > done_before else ", none finished")
+                    if not time_up and free > 0 and (remaining is None or remaining > 0) and stopped is None:
                         n = free if remaining is None else min(free, remaining)
                         for trial in self.optimizer.ask(study, n):
                             self._dispatch(trial, pending, executor)
                     if executor.in_flight() == 0:
                         break
                     for result in executor.poll():
+                        seen = len(state.errors)
                         self._handle(result, study, pending, executor, archive, state)
+                        for number, error in state.errors[seen:]:
+                            bar.failure(number, error)
                         bar.update(state)
         except KeyboardInterrupt:
             self._interrupt(study, pending, executor)
@@ -377,7 +392,10 @@ class SearchRun:
                 executor.shutdown()
         front = archive.sync(study.get_trials(deepcopy=False))
         self.save_plots(study, front)
-        return self.summary(study, archive, elapsed=time.monotonic() - start)
+        summary = self.summary(study, archive, elapsed=time.monotonic() - start)
+        summary["stopped"] = stopped
+        summary["errors"] = grouped_errors(state.errors)
+        return summary
 
     def save_plots(self, study: Any, front: list) -> list[Path]:
         from evomerge.plots import attach_to_study, save_plots
@@ -410,6 +428,7 @@ class SearchRun:
             del pending[r.trial]
             self.optimizer.tell(study, p.trial, None, TrialState.FAIL)
             state.failed += 1
+            state.errors.append((r.trial, r.error))
             return
         front_values = [t.user_attrs[OBJECTIVES_ATTR] for t in archive.front(study.get_trials(deepcopy=False))]
         if r.kind == "screen":
@@ -577,11 +596,18 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
 
 
 class _Progress:
-    """Trials done, failures, best per objective, front size."""
+    """Trials done, failures, best per objective, front size; each new kind of failure once."""
 
     def __init__(self, enabled: bool, total: Optional[int], objectives: list):
         self.enabled, self.total, self.objectives = enabled, total, objectives
         self._p = None
+        self._told: set[str] = set()
+
+    def failure(self, trial: int, error: str) -> None:
+        if self._p is None or error in self._told:
+            return
+        self._told.add(error)
+        self._p.console.print(f"trial {trial} failed: {error}", markup=False, highlight=False)
 
     def __enter__(self) -> "_Progress":
         if self.enabled:

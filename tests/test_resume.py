@@ -303,3 +303,31 @@ def test_resume_with_an_unreachable_storage_fails_with_one_line(family, tmp_path
     assert main(["resume", str(run.run_dir), "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 2
     err = capsys.readouterr().err
     assert "cannot be reached" in err and err.count("\n") == 1
+
+
+def test_a_search_whose_trials_all_fail_stops_says_why_and_resumes_after_the_fix(family, tmp_path, monkeypatch, capsys):
+    import evomerge.evaluate
+
+    class Broken:
+        name, metrics = "closeness", {"ft0": "maximize", "ft1": "maximize"}
+
+        def evaluate(self, model, tokenizer, *, limit=None):
+            raise RuntimeError("the grader's server is down")
+
+    working = evomerge.evaluate.build_evaluator
+    monkeypatch.setattr(evomerge.evaluate, "build_evaluator", lambda preset, split="validation", **o: Broken())
+    cfg = write_config(family, tmp_path / "f.yaml", budget={"trials": 30})
+    assert main(["search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--executor", "serial"]) == 1
+    out, err = capsys.readouterr()
+    run_dir = tmp_path / "runs" / "f"
+    # ten alike failures stop the session (not 2 x 30 of them), each failure told once, the cause on stderr
+    assert "0 complete, 10 failed" in out and out.count("failed: RuntimeError: the grader's server is down") == 1
+    assert "10 trials failed (0-9): RuntimeError: the grader's server is down" in err
+    assert f"error: stopped early, 10 trials failed in this session, none finished; fix the cause above, then: evomerge resume {run_dir}" in err
+    assert main(["status", str(run_dir)]) == 0
+    assert "10 trials failed (0-9): RuntimeError: the grader's server is down" in capsys.readouterr().out
+    # fixed: the resume is not held back by the failures of the earlier session
+    monkeypatch.setattr(evomerge.evaluate, "build_evaluator", working)
+    assert main(["resume", str(run_dir), "--trials", "4", "--executor", "serial", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["n_complete"], summary["n_failed"], summary["stopped"], summary["errors"]) == (4, 10, None, [])
