@@ -176,5 +176,7 @@ def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
     # diagnostics: B's units all have an exact twin in A; the permuted-copy control closes its barrier
     corr = r["diagnostics"]["matched_unit_correlation"]["B (independent init)"]
     assert corr["residual"] == pytest.approx(1.0, abs=1e-6) and corr["mlp"] == pytest.approx(1.0, abs=1e-6)
+    # each head of A has its exact twin among B's (heads were permuted within layers); A's own heads differ
+    assert corr["attention"]["best_match"] == pytest.approx(1.0, abs=1e-6) and corr["attention"]["within_A"] < 0.99
     control = r["diagnostics"]["permuted_copy_of_A"]
     assert control["unaligned_midpoint_barrier"] > 0.05 and abs(control["mudsc_midpoint_barrier"]) < 1e-5

@@ -20,7 +20,7 @@ scores the test split; the primary metric is the loss on answer tokens.
 
 ``diagnostics`` say why a barrier stays: the mean activation correlation of matched
 units (residual stream, MLP neurons) of B, and of a model fine-tuned from A for
-scale, and a control where a permutation is known to exist (A against a randomly
+scale; how alike their heads attend (:func:`attention_agreement`); and a control where a permutation is known to exist (A against a randomly
 permuted copy of A, which mudsc must bring back to a zero barrier).
 
 ``--search`` (:func:`bench_align_search`) adds acceptance 4's comparison: the same
@@ -237,6 +237,12 @@ def format_table(result: dict[str, Any]) -> str:
     d = result.get("diagnostics") or {}
     for who, corr in d.get("matched_unit_correlation", {}).items():
         lines.append(f"mean activation correlation of matched units, A vs {who}: residual {corr['residual']:.3f}, MLP {corr['mlp']:.3f}")
+        if "attention" in corr:
+            att = corr["attention"]
+            lines.append(
+                f"  attention weights, each head of A vs its closest head of {who.split(' (')[0]}: {att['best_match']:.3f} "
+                f"(vs A's own other heads: {att['within_A']:.3f})"
+            )
     pc = d.get("permuted_copy_of_A")
     if pc:
         lines.append(
@@ -262,6 +268,49 @@ def matched_correlations(act: dict[str, Any], perms: Any) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def attention_maps(model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Every head's attention weights over the data, one row per head (layer-major).
+
+    A row holds the weight of each (query, key) pair of real tokens, key at or before
+    the query, across all sequences: two heads attend alike when their rows correlate.
+    """
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # sdpa and flash kernels do not return the weights
+    try:
+        rows = []
+        for batch in batches:
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+            maps = model(input_ids=ids, attention_mask=mask.long(), output_attentions=True).attentions
+            causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+            keep = mask[:, :, None] & mask[:, None, :] & causal  # [batch, query, key]
+            rows.append(torch.cat([m.transpose(0, 1)[:, keep] for m in maps]))  # [layers * heads, pairs]
+        return torch.cat(rows, dim=1)
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def attention_agreement(a: torch.nn.Module, b: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """How alike two models attend: for each head of A, the best correlation of its
+    attention weights with any head of B (any layer), averaged over A's heads.
+
+    ``within_A`` is the same for A against its own other heads: a head of B that
+    resembles A's heads no more than they resemble each other is no twin of any of
+    them, and no permutation of heads or units can make the two models attend alike.
+    """
+    fa, fb = attention_maps(a, batches), attention_maps(b, batches)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        x = x.double() - x.double().mean(dim=1, keepdim=True)
+        return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    ua, ub = unit(fa), unit(fb)
+    own = ua @ ua.T
+    own.fill_diagonal_(-1.0)
+    return {"best_match": float((ua @ ub.T).max(dim=1).values.mean()), "within_A": float(own.max(dim=1).values.mean())}
+
+
 def _unit_correlations(ea: Endpoint, eb: Endpoint, act: dict[str, Any], data: Any, tok: Any, control: Optional[str]) -> dict[str, Any]:
     """How alike the two models' units are after activation matching (and, for scale,
     a model fine-tuned from A: the same initialization)."""
@@ -269,13 +318,16 @@ def _unit_correlations(ea: Endpoint, eb: Endpoint, act: dict[str, Any], data: An
 
     spec = check_alignable(ea, eb)
     out: dict[str, Any] = {}
+    batches = token_batches(data, tok)
     match = match_permutations(spec, ea.state, eb.state, alpha=0.0, activations=act)
-    out["B (independent init)"] = matched_correlations(act, match.permutations)
+    out["B (independent init)"] = {**matched_correlations(act, match.permutations), "attention": attention_agreement(ea.module(), eb.module(), batches)}
     if control is not None:
         ec = Endpoint.load(control)
-        act_c = activation_moments(ea.module(), ec.module(), token_batches(data, tok))
+        act_c = activation_moments(ea.module(), ec.module(), batches)
         match_c = match_permutations(spec, ea.state, ec.state, alpha=0.0, activations=act_c)
-        out[f"{Path(ec.ref).name} (fine-tuned from A)"] = matched_correlations(act_c, match_c.permutations)
+        out[f"{Path(ec.ref).name} (fine-tuned from A)"] = {
+            **matched_correlations(act_c, match_c.permutations), "attention": attention_agreement(ea.module(), ec.module(), batches)
+        }
     return out
 
 
