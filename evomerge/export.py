@@ -99,6 +99,7 @@ def export(run_dir: Path, trial: Union[int, str], out: Path, *, overwrite: bool 
     if RECIPE_ATTR not in t.user_attrs:
         raise MergeError(f"trial {trial} has no recipe (state {t.state.name})")
     if t.state not in (TrialState.COMPLETE, TrialState.PRUNED):
-        raise MergeError(f"trial {trial} is {t.state.name}, not a scored candidate")
+        why = f" ({t.user_attrs['error']})" if t.user_attrs.get("error") else ""
+        raise MergeError(f"trial {trial} is {t.state.name}{why}, not a scored candidate")
     engine = MergeEngine(run.sources)
     return dict(engine.write(Recipe.from_dict(t.user_attrs[RECIPE_ATTR]), Path(out), overwrite=overwrite), trial=trial)

@@ -326,6 +326,8 @@ def test_a_search_whose_trials_all_fail_stops_says_why_and_resumes_after_the_fix
     assert f"error: stopped early, 10 trials failed in this session, none finished; fix the cause above, then: evomerge resume {run_dir}" in err
     assert main(["status", str(run_dir)]) == 0
     assert "10 trials failed (0-9): RuntimeError: the grader's server is down" in capsys.readouterr().out
+    assert main(["export", str(run_dir), "--trial", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "trial 3 is FAIL (RuntimeError: the grader's server is down (at " in capsys.readouterr().err
     # fixed: the resume is not held back by the failures of the earlier session
     monkeypatch.setattr(evomerge.evaluate, "build_evaluator", working)
     assert main(["resume", str(run_dir), "--trials", "4", "--executor", "serial", "--json"]) == 0
