@@ -208,9 +208,16 @@ class SearchRun:
         from evomerge.evaluate import build_evaluator
         from evomerge.optimize import Objective, Scalarization, build_optimizer
         from evomerge.space import SearchSpace
+        import torch
+
         from evomerge.sources import SourceModel, check_compatible, check_tokenizer
 
         cfg = self.config
+        if cfg.device.startswith("cuda") and cfg.executor.kind == "serial" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: {cfg.device}, but this machine has no CUDA device (a serial run merges and scores here): "
+                "use device: cpu, or executor: {kind: ray} on a cluster whose workers have GPUs"
+            )
         refs = self.model_refs()
         self.sources = [SourceModel.open(r, allow_pickle=cfg.sources.allow_pickle) for r in refs]
         check_compatible(self.sources)
@@ -228,7 +235,7 @@ class SearchRun:
             ev = build_evaluator(ref.preset, split=ref.split, **ref.options)
             name = ref.name or ev.name
             if name in names:
-                raise ConfigError(f"evaluators: two evaluators are named {name!r}; give one a name:")
+                raise ConfigError(f"evaluators: two evaluators are named {name!r}; give one of them another `name:`")
             names.add(name)
             if ref.holdout_split:
                 build_evaluator(ref.preset, split=ref.holdout_split, **ref.options)

@@ -171,10 +171,15 @@ def test_search_on_existing_run_points_to_resume(family, tmp_path, distance_eval
         ({"objectives": [{"metric": "closeness/ft9"}]}, "objectives: metric 'closeness/ft9' is produced by no evaluator"),
         ({"optimizer": {"name": "cma"}}, "optimizes one objective"),
         ({"budget": {}}, "budget: set trials, timeout or both"),
+        ({"device": "cuda"}, "device: cuda, but this machine has no CUDA device (a serial run merges and scores here)"),
+        ({"evaluators": [{"preset": "distance"}, {"preset": "distance"}]}, "two evaluators are named 'closeness'; give one of them another `name:`"),
     ],
 )
 def test_bad_configs_fail_before_any_model_loads(family, tmp_path, distance_evaluators, monkeypatch, capsys, changes, message):
     import transformers
+
+    if changes.get("device") == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the check, on any machine
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded")

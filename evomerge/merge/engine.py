@@ -67,7 +67,7 @@ class MergeEngine:
         self.names = check_compatible(list(sources))
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise MergeError("--device cuda was asked for but no CUDA device is available")
+            raise MergeError(f"device {device} was asked for, but no CUDA device is available here")
         self.kernels = Kernels(compile)
         self._delta: dict[tuple[str, str, str], torch.Tensor] = {}
         self._l1: dict[tuple[str, str, str], float] = {}
