@@ -103,8 +103,14 @@ def _executor_overrides(args: argparse.Namespace) -> dict:
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    from evomerge.run_config import check_run_name
     from evomerge.study import SearchRun
 
+    if args.name is not None:
+        try:
+            check_run_name(args.name)
+        except ValueError as exc:
+            raise ConfigError(f"--name {exc}") from None
     overrides = {f"executor.{k}": v for k, v in _executor_overrides(args).items()}
     if args.trials is not None:
         overrides["budget.trials"] = args.trials

@@ -20,6 +20,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_run_name(name: str) -> str:
+    """A run name is a plain folder name: the run folder is RUNS_DIR/NAME, not elsewhere."""
+    if not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
+        raise ValueError(f"{name!r} is not a plain folder name (the run folder is RUNS_DIR/NAME)")
+    return name
+
+
+def _limit(v: Union[int, float]) -> Union[int, float]:
+    """A count (at least 1) or a fraction in (0, 1], as the evaluators take their limit."""
+    from evomerge.config import check_limit
+
+    return check_limit(v)
+
+
 class AlignSourcesConfig(_Strict):
     """Align every source to the base (or the first model) before the search starts."""
 
@@ -53,6 +67,11 @@ class EvaluatorRef(_Strict):
     holdout_split: Optional[str] = None
     limit: Optional[Union[int, float]] = None
     options: Dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: Optional[Union[int, float]]) -> Optional[Union[int, float]]:
+        return None if v is None else _limit(v)
 
 
 class ObjectiveConfig(_Strict):
@@ -88,11 +107,24 @@ class FidelityConfig(_Strict):
     screen: Union[int, float]
     slack: float = Field(default=0.02, ge=0)
 
+    @field_validator("screen")
+    @classmethod
+    def _screen(cls, v: Union[int, float]) -> Union[int, float]:
+        return _limit(v)
+
 
 class ConstraintConfig(_Strict):
     metric: str
     min: Optional[float] = None
     max: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _a_range(self) -> "ConstraintConfig":
+        if self.min is None and self.max is None:
+            raise ValueError(f"{self.metric}: set min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"{self.metric}: min {self.min:g} is above max {self.max:g}; no trial could meet it")
+        return self
 
 
 class ExecutorConfig(_Strict):
@@ -135,6 +167,11 @@ class RunConfig(_Strict):
     # the live model's dtype and that of written models (recipes' `dtype`); merging computes in float32
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     keep_pareto_models: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_run_name(v)
 
     @field_validator("evaluators", "objectives")
     @classmethod

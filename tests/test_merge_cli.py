@@ -225,6 +225,7 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         (["bench", "search", "--limit", "-1", "--zoo", "{tmp}/zoo"], "--limit must be at least 1, got -1"),
         (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--timeout", "-5", "--runs-dir", "{tmp}/runs"], "--timeout must be more than 0 seconds, got -5"),
         (["resume", "{tmp}/runs/x", "--timeout", "0"], "--timeout must be more than 0 seconds, got 0"),
+        (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--name", "a/b", "--runs-dir", "{tmp}/runs"], "--name 'a/b' is not a plain folder name"),
         (["bench", "align", "--alphas", "0,2", "--zoo", "{tmp}/zoo"], "--alphas: alpha must be between 0 and 1, got 2.0"),
         (["bench", "merge", "--methods", "linear,tie", "--workdir", "{tmp}/w"], "--methods: unknown merge method 'tie'"),
         (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alphas", "", "--out", "{tmp}/o"], "--alphas: the alpha grid is empty"),

@@ -172,6 +172,11 @@ def test_search_on_existing_run_points_to_resume(family, tmp_path, distance_eval
         ({"optimizer": {"name": "cma"}}, "optimizes one objective"),
         ({"budget": {}}, "budget: set trials, timeout or both"),
         ({"device": "cuda"}, "device: cuda, but this machine has no CUDA device (a serial run merges and scores here)"),
+        ({"constraints": [{"metric": "closeness/ft0", "min": 2, "max": 1}]}, "constraints.0: closeness/ft0: min 2 is above max 1; no trial could meet it"),
+        ({"constraints": [{"metric": "closeness/ft0"}]}, "constraints.0: closeness/ft0: set min, max or both"),
+        ({"fidelity": {"screen": 0}}, "fidelity.screen: limit 0: a count must be at least 1"),  # every trial failed
+        ({"evaluators": [{"preset": "distance", "limit": 1.5}]}, "evaluators.0.limit: limit 1.5: expected a whole count"),
+        ({"name": "../elsewhere"}, "name: '../elsewhere' is not a plain folder name"),  # the run folder went outside runs/
         ({"evaluators": [{"preset": "distance"}, {"preset": "distance"}]}, "two evaluators are named 'closeness'; give one of them another `name:`"),
     ],
 )
