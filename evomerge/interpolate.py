@@ -74,7 +74,7 @@ def interpolate(
         raise ConfigError(f"evaluator {getattr(evaluator, 'name', '')} has no metric {metric!r} (it has: {', '.join(metrics)})")
     start = time.perf_counter()
     ea, eb = Endpoint.load(a), Endpoint.load(b)
-    spec = check_alignable(ea, eb)
+    spec = check_alignable(ea, eb, doing=None if align is not None else f"cannot interpolate between {ea.ref} and {eb.ref}")
     tok = tokenizer if tokenizer is not None else ea.tokenizer()
     if tok is None and ea.path is not None and not getattr(evaluator, "tokenized", False):
         check_tokenizer(ea.path, "interpolate")  # every point is scored with A's tokenizer

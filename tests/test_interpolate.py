@@ -180,3 +180,15 @@ def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
     assert corr["attention"]["best_match"] == pytest.approx(1.0, abs=1e-6) and corr["attention"]["within_A"] < 0.99
     control = r["diagnostics"]["permuted_copy_of_A"]
     assert control["unaligned_midpoint_barrier"] > 0.05 and abs(control["mudsc_midpoint_barrier"]) < 1e-5
+
+
+def test_interpolate_between_models_of_different_sizes_names_the_first_mismatch(pair, tmp_path: Path, capsys) -> None:
+    a, _, data = pair
+    (wide,) = write_family(tmp_path / "wide", 0, seed=3, cfg=llama_config(hidden=48, layers=2, intermediate=48, heads=4, kv_heads=2))
+    plot = tmp_path / "p.png"
+    assert main(["interpolate", str(a), str(wide), "--evaluator", str(data), "--steps", "3", "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"evomerge interpolate: error: cannot interpolate between {a} and {wide}: hidden_size differs ({a} has 32, {wide} has 48)"
+    assert main(["interpolate", str(a), str(wide), "--evaluator", str(data), "--steps", "3", "--plot", str(plot), "--align", "weight"]) == 2
+    assert f"error: cannot align {wide} to {a}: hidden_size differs" in capsys.readouterr().err
+    assert not plot.exists()

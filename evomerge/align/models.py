@@ -94,11 +94,14 @@ class Endpoint:
         return copy.deepcopy(self.module())
 
 
-def check_alignable(a: Endpoint, b: Endpoint) -> LlamaSpec:
-    """The shared structure of two models, or SourceError naming the first mismatch."""
+def check_alignable(a: Endpoint, b: Endpoint, *, doing: Optional[str] = None) -> LlamaSpec:
+    """The shared structure of two models, or SourceError naming the first mismatch.
+
+    ``doing`` opens the message (default: ``cannot align B to A``).
+    """
     spec_a = LlamaSpec.from_config(a.config, where=a.ref)
     spec_b = LlamaSpec.from_config(b.config, where=b.ref)
-    pre = f"cannot align {b.ref} to {a.ref}"
+    pre = doing or f"cannot align {b.ref} to {a.ref}"
     arch = lambda e: (e.config.get("architectures") or [e.config.get("model_type")])[0]  # noqa: E731
     if arch(a) != arch(b):
         raise SourceError(f"{pre}: architecture differs ({a.ref} is {arch(a)}, {b.ref} is {arch(b)})")
