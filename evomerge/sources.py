@@ -155,6 +155,19 @@ class SourceModel:
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
 
+def check_model_folder(path: Path) -> None:
+    """SourceError with one line for a local folder transformers could not load.
+
+    The config must be a JSON object and the weights present (a pickle checkpoint
+    counts: transformers reads it with ``weights_only``); safetensors headers must read,
+    so a truncated download is named here, not in a loader's traceback.
+    """
+    _read_config(path)
+    _, _, is_pickle = _index_weights(path, allow_pickle=True)
+    if not is_pickle:
+        SourceModel.open(str(path))
+
+
 def check_tokenizer(path: Path, role: str) -> None:
     """SourceError unless the folder holds tokenizer files; ``role`` says who needs them."""
     if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):

@@ -195,6 +195,39 @@ def test_cli_evaluate_prints_metrics(zoo, capsys):
     assert capsys.readouterr().err.strip() == "evomerge evaluate: error: --limit 2.5: expected a whole count of at least 1 or a fraction in (0, 1]"
 
 
+def _break_config(folder: Path) -> None:
+    (folder / "config.json").write_text("{")
+
+
+def _drop_weights(folder: Path) -> None:
+    (folder / "model.safetensors").unlink()
+
+
+def _truncate_weights(folder: Path) -> None:
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (_break_config, "config.json: malformed JSON"),
+        (_drop_weights, ": no model.safetensors, model.safetensors.index.json or checkpoint found"),
+        (_truncate_weights, "model.safetensors: not a readable safetensors file"),
+    ],
+)
+def test_cli_evaluate_a_broken_model_folder_is_one_line(zoo, tmp_path, capsys, damage, words):
+    """A half-downloaded or hand-edited folder: named in one line, not a transformers traceback."""
+    import shutil
+
+    folder = tmp_path / "m"
+    shutil.copytree(zoo.models["count"], folder)
+    damage(folder)
+    assert main(["evaluate", str(folder), "-e", "zoo_count", "--limit", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"evomerge evaluate: error: {folder}") and words in err and "\n" not in err, err
+
+
 @pytest.fixture
 def one_thread():
     """Timing tests run on one thread: two OpenMP threads stall whenever another

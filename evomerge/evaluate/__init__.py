@@ -103,8 +103,9 @@ def load_model(model_dir: Union[str, Path], *, device: str = "cpu") -> tuple[Any
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: not a model folder (no config.json)")
-    from evomerge.sources import check_tokenizer
+    from evomerge.sources import check_model_folder, check_tokenizer
 
+    check_model_folder(path)
     check_tokenizer(path, "evaluate")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
