@@ -175,6 +175,13 @@ def check_tokenizer(path: Path, role: str) -> None:
             f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, tokenizer.model...); "
             f"{role} loads the tokenizer from this model: copy the tokenizer files of the model it came from"
         )
+    for f in TOKENIZER_FILES:  # a cut-off download: named here, not in every worker's traceback
+        file = Path(path) / f
+        if f.endswith(".json") and file.is_file():
+            try:
+                json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise SourceError(f"{file}: malformed JSON ({exc.msg if hasattr(exc, 'msg') else exc}); {role} loads the tokenizer from it") from None
 
 
 def layer_index(tensor_name: str) -> Optional[int]:

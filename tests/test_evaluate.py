@@ -203,6 +203,11 @@ def _drop_weights(folder: Path) -> None:
     (folder / "model.safetensors").unlink()
 
 
+def _cut_tokenizer(folder: Path) -> None:
+    f = folder / "tokenizer.json"
+    f.write_text(f.read_text()[:100])
+
+
 def _truncate_weights(folder: Path) -> None:
     f = folder / "model.safetensors"
     f.write_bytes(f.read_bytes()[:1000])
@@ -214,6 +219,7 @@ def _truncate_weights(folder: Path) -> None:
         (_break_config, "config.json: malformed JSON"),
         (_drop_weights, ": no model.safetensors, model.safetensors.index.json or checkpoint found"),
         (_truncate_weights, "model.safetensors: not a readable safetensors file"),
+        (_cut_tokenizer, "tokenizer.json: malformed JSON"),
     ],
 )
 def test_cli_evaluate_a_broken_model_folder_is_one_line(zoo, tmp_path, capsys, damage, words):
