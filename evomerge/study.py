@@ -205,12 +205,12 @@ class SearchRun:
 
     def _validate(self) -> None:
         """Everything that can be checked without loading a model: fail early, one line."""
-        from evomerge.evaluate import build_evaluator
-        from evomerge.optimize import Objective, Scalarization, build_optimizer
-        from evomerge.space import SearchSpace
         import torch
 
+        from evomerge.evaluate import build_evaluator
+        from evomerge.optimize import Objective, Scalarization, build_optimizer
         from evomerge.sources import SourceModel, check_compatible, check_tokenizer
+        from evomerge.space import SearchSpace
 
         cfg = self.config
         if cfg.device.startswith("cuda") and cfg.executor.kind == "serial" and not torch.cuda.is_available():

@@ -169,7 +169,7 @@ class CmaOptimizer(Optimizer):
     @classmethod
     def _whole(cls, key: str, value: Any, *, least: int) -> int:
         v = cls._number(key, value)
-        if v != int(v) if np.isfinite(v) else True:
+        if not np.isfinite(v) or v != int(v):
             raise ConfigError(f"optimizer 'cma': option {key} must be a whole number, got {value!r}")
         if v < least:
             raise ConfigError(f"optimizer 'cma': option {key} must be >= {least}, got {value!r}")
