@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from evomerge.errors import ConfigError
+
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 STOP = "\n"
 
@@ -95,7 +97,11 @@ def make_splits(skill: Skill, sizes: dict[str, int], seed: int) -> dict[str, lis
             if text in seen:
                 misses += 1
                 if misses > 100_000:  # the skill has fewer distinct inputs than asked for
-                    raise ValueError(f"skill {skill.name!r} cannot fill {sizes} with distinct inputs")
+                    asked = " + ".join(f"{n} {sizes[n]}" for n in ("train", "validation", "test"))
+                    raise ConfigError(
+                        f"skill {skill.name!r} has too few distinct inputs for {asked} examples; "
+                        "lower them (zoo --set train_size=N, validation_size=N, test_size=N)"
+                    )
                 continue
             seen.add(text)
             rows.append({"input": text, "prompt": skill.prompt(text), "answer": answer})

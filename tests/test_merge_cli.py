@@ -215,6 +215,7 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
     "argv, words",
     [
         (["zoo", "{tmp}/zoo", "--workers", "0"], "--workers must be at least 1, got 0"),
+        (["zoo", "{tmp}/zoo", "--set", "validation_size=100000"], "skill 'add' has too few distinct inputs for train 5000 + validation 100000 + test 500 examples"),
         (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--trials", "0", "--runs-dir", "{tmp}/runs"], "--trials must be at least 1, got 0"),
         (["bench", "merge", "--params", "0", "--workdir", "{tmp}/w"], "--params must be at least 1, got 0"),
         (["bench", "merge", "--threads", "0", "--workdir", "{tmp}/w"], "--threads must be at least 1, got 0"),
