@@ -229,6 +229,8 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         (["search", str(REPO / "examples" / "zoo_two_skills.yaml"), "--name", "a/b", "--runs-dir", "{tmp}/runs"], "--name 'a/b' is not a plain folder name"),
         (["bench", "align", "--alphas", "0,2", "--zoo", "{tmp}/zoo"], "--alphas: alpha must be between 0 and 1, got 2.0"),
         (["bench", "merge", "--methods", "linear,tie", "--workdir", "{tmp}/w"], "--methods: unknown merge method 'tie'"),
+        (["bench", "quality", "--optimizers", "nsga2,bayes", "--zoo", "{tmp}/zoo"], "--optimizers: unknown optimizer 'bayes' (known: cma,"),
+        (["bench", "quality", "--optimizers", "cma,cma", "--zoo", "{tmp}/zoo"], "--optimizers: cma is named twice"),
         (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alphas", "", "--out", "{tmp}/o"], "--alphas: the alpha grid is empty"),
         (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--alphas", "0,1.5", "--out", "{tmp}/o"], "--alphas: alpha must be between 0 and 1, got 1.5"),
         (["align", "--reference", "{tmp}/a", "--model", "{tmp}/b", "--method", "weight", "--alphas", "0,1", "--out", "{tmp}/o"], "--alphas applies to --method mudsc only"),
