@@ -488,7 +488,7 @@ def _run_bench_search(args: argparse.Namespace) -> int:
     result = bench_search(
         zoo_dir=args.zoo,
         trials=args.trials,
-        ray_workers=[int(k) for k in args.workers.split(",") if k.strip()],
+        ray_workers=_ints(args.workers, "--workers"),
         cpus_per_worker=args.cpus_per_worker,
         optimizer=args.optimizer,
         limit=args.limit,
@@ -524,7 +524,7 @@ def _run_bench_align(args: argparse.Namespace) -> int:
 
     if args.search and (args.reference or args.model):
         raise ConfigError("bench align --search runs on the zoo only; leave out --reference and --model")
-    seeds = [int(x) for x in _floats(args.seeds, "--seeds")]
+    seeds = _ints(args.seeds, "--seeds")
     skills = [s.strip() for s in args.skills.split(",") if s.strip()]
     if args.search and len(skills) != 2:
         raise ConfigError(f"--skills: give two skills, A's and B's (got {args.skills!r})")
@@ -616,6 +616,13 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}: expected comma-separated whole numbers, got {text!r}") from None
 
 
 def _alpha_grid(text: str) -> list[float]:

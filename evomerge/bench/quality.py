@@ -234,18 +234,19 @@ class _bar:
 
 
 # ----------------------------------------------------------------------------- benchmark
-def _check_optimizers(optimizers: Sequence[str]) -> None:
+def check_optimizers(optimizers: Sequence[str], *, flag: str = "--optimizers") -> None:
+    """ConfigError unless every name is a registered optimizer, each named once."""
     from evomerge.errors import ConfigError
     from evomerge.optimize import OPTIMIZERS
 
     if not optimizers:
-        raise ConfigError("--optimizers: give at least one optimizer")
+        raise ConfigError(f"{flag}: give at least one optimizer")
     for name in optimizers:
         if name not in OPTIMIZERS:
-            raise ConfigError(f"--optimizers: unknown optimizer {name!r} (known: {', '.join(sorted(OPTIMIZERS))})")
+            raise ConfigError(f"{flag}: unknown optimizer {name!r} (known: {', '.join(sorted(OPTIMIZERS))})")
     dup = next((n for n in optimizers if list(optimizers).count(n) > 1), None)
     if dup is not None:
-        raise ConfigError(f"--optimizers: {dup} is named twice; each optimizer runs one search")
+        raise ConfigError(f"{flag}: {dup} is named twice; each optimizer runs one search")
 
 
 def bench_quality(
@@ -268,7 +269,7 @@ def bench_quality(
     from evomerge.zoo import load_zoo, zoo
 
     check_skills(None, skills)  # before a zoo is built for nothing
-    _check_optimizers(optimizers)  # before the baselines are scored for nothing
+    check_optimizers(optimizers)  # before the baselines are scored for nothing
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)
     check_skills(z, skills)
     tmp = None

@@ -131,8 +131,18 @@ def bench_search(
     """Run the benchmark; returns the table as a dict (see the module docstring)."""
     import ray
 
+    from evomerge.bench.quality import check_optimizers
+    from evomerge.errors import ConfigError
     from evomerge.zoo import load_zoo, zoo
 
+    # every setting checked before the zoo, Ray or a search starts
+    check_optimizers([optimizer], flag="--optimizer")
+    if not ray_workers or any(k < 1 for k in ray_workers) or len(set(ray_workers)) != len(ray_workers):
+        raise ConfigError(f"--workers: expected different worker counts of at least 1, got {','.join(map(str, ray_workers)) or 'none'}")
+    if not cpus_per_worker > 0:
+        raise ConfigError(f"--cpus-per-worker must be more than 0, got {cpus_per_worker:g}")
+    if memory_params < 0:
+        raise ConfigError(f"--memory-params must be 0 (skip the memory probe) or a model size, got {memory_params:g}")
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)  # any complete zoo will do
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     tmp = None
