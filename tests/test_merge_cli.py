@@ -232,6 +232,7 @@ def test_output_and_run_folders_under_a_file_fail_before_any_work(family, tmp_pa
         (["bench", "quality", "--optimizers", "nsga2,bayes", "--zoo", "{tmp}/zoo"], "--optimizers: unknown optimizer 'bayes' (known: cma,"),
         (["bench", "quality", "--optimizers", "cma,cma", "--zoo", "{tmp}/zoo"], "--optimizers: cma is named twice"),
         (["bench", "search", "--optimizer", "bayes", "--zoo", "{tmp}/zoo"], "--optimizer: unknown optimizer 'bayes'"),
+        (["bench", "merge", "--methods", "linear,linear", "--workdir", "{tmp}/w"], "--methods: linear is named twice"),
         (["bench", "search", "--workers", "1,1", "--zoo", "{tmp}/zoo"], "--workers: expected different worker counts of at least 1, got 1,1"),
         (["bench", "search", "--workers", "1.5", "--zoo", "{tmp}/zoo"], "--workers: expected comma-separated whole numbers, got '1.5'"),
         (["bench", "search", "--cpus-per-worker", "0", "--zoo", "{tmp}/zoo"], "--cpus-per-worker must be more than 0, got 0"),
@@ -286,3 +287,11 @@ def test_bench_merge_has_a_valid_recipe_for_every_method():
     for name in METHODS:
         recipe = bench_recipe(name, "base", ["ft0", "ft1", "ft2"])
         assert recipe.merge_method == name and traffic_units(name, 3) >= 2
+
+
+def test_bench_merge_makes_its_workdir_and_leaves_it_empty(tmp_path, capsys):
+    workdir = tmp_path / "new" / "deeper"  # did not exist: a FileNotFoundError traceback
+    assert main(["bench", "merge", "--params", "200000", "--methods", "linear", "--repeats", "1", "--workdir", str(workdir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [m["method"] for m in result["methods"]] == ["linear"] and result["methods"][0]["ratio"] > 0
+    assert workdir.is_dir() and list(workdir.iterdir()) == []  # the synthetic family was a temp folder inside it

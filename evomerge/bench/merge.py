@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from evomerge._testing import config_for_params, write_family
+from evomerge.errors import ConfigError
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Recipe
@@ -107,7 +108,12 @@ def bench_merge(
     methods = list(methods or DEFAULT_METHODS)
     for method in methods:  # a typo fails before the family is built
         get_method(method, where="--methods")
+    dup = next((m for m in methods if methods.count(m) > 1), None)
+    if dup is not None:
+        raise ConfigError(f"--methods: {dup} is named twice")
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # the family goes in a temp folder inside it
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cfg = config_for_params(n_params)
         say(f"building a {n_params / 1e6:.0f}M-parameter base and {n_sources} fine-tunes in {tmp} ...")
