@@ -333,3 +333,18 @@ def test_a_search_whose_trials_all_fail_stops_says_why_and_resumes_after_the_fix
     assert main(["resume", str(run_dir), "--trials", "4", "--executor", "serial", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["n_complete"], summary["n_failed"], summary["stopped"], summary["errors"]) == (4, 10, None, [])
+
+
+def test_dashboard_on_a_taken_port_or_a_bad_one_is_one_line(family, tmp_path, capsys):
+    import socket
+
+    run = SearchRun.create(write_config(family, tmp_path / "d.yaml", budget={"trials": 1}), runs_dir=tmp_path / "runs")
+    run.run(progress=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dashboard", str(run.run_dir), "--port", str(port)]) == 2  # was an OSError traceback
+        assert capsys.readouterr().err.strip() == f"evomerge dashboard: error: cannot listen on 127.0.0.1:{port}: in use (another dashboard?); pick another --port"
+    assert main(["dashboard", str(run.run_dir), "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "evomerge dashboard: error: --port 70000: a port is between 1 and 65535"
