@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from evomerge import __version__
 from evomerge._paths import check_folder_target
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, SearchStopped
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -153,9 +153,7 @@ def _search_and_report(run, args: argparse.Namespace, **budget) -> int:
         print(line, file=sys.stderr)
     if summary.get("stopped"):
         # The budget is not spent: say so in the exit code, so that scripts do not take it for a finished run.
-        print(f"evomerge {args.verb}: error: stopped early, {summary['stopped']}; "
-              f"fix the cause above, then: evomerge resume {run.run_dir}", file=sys.stderr)
-        return 1
+        raise SearchStopped(f"stopped early, {summary['stopped']}; fix the cause above, then: evomerge resume {run.run_dir}")
     return 0
 
 

@@ -33,7 +33,7 @@ from evomerge.bench.quality import (
     searched_rows,
     write_config,
 )
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, SearchStopped
 
 RUN_NAME = "demo"
 
@@ -85,6 +85,11 @@ def demo(
         run.use_executor(kind=executor)
     summary = run.run(trials=trials, workers=workers, progress=not quiet)
     say(f"      {summary['n_complete']} complete, {summary['n_failed']} failed; front of {len(summary['pareto'])} models in {run_dir / 'pareto'}")
+    if summary.get("stopped"):
+        from evomerge.status import format_errors
+
+        first = format_errors(summary["errors"], most=1)[0]
+        raise SearchStopped(f"the search stopped early, {summary['stopped']} ({first}); evomerge demo again resumes it")
 
     say("[3/4] baselines: the usual recipes, scored on the held-out test split")
     rows = _baselines(run_dir, z, skills, quiet)

@@ -49,3 +49,9 @@ def validation_message(exc: "ValidationError") -> str:  # noqa: F821 - pydantic 
 
 
 _TYPE_TAGS = {"bool", "int", "float", "str", "ConditionalParameter", "SearchedParameter", "list", "dict"}
+
+
+class SearchStopped(EvomergeError):
+    """A search stopped before its budget because its trials kept failing (exit code 1)."""
+
+    exit_code = 1
