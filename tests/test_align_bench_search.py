@@ -52,7 +52,7 @@ def test_search_with_and_without_alignment_reports_held_out_accuracy(zoo_dir: Pa
     [
         (["--reference", "a", "--model", "b"], "--search runs on the zoo only"),
         (["--skills", "add"], "--skills: give two skills"),
-        (["--seeds", "x"], "--seeds: expected comma-separated numbers"),
+        (["--seeds", "x"], "--seeds: expected comma-separated whole numbers"),
     ],
 )
 def test_bench_align_search_bad_input_is_one_line(zoo_dir: Path, capsys, extra: list[str], expected: str) -> None:
