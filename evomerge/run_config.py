@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.config import check_limit
 from evomerge.errors import ConfigError, validation_message
 
 
@@ -25,13 +26,6 @@ def check_run_name(name: str) -> str:
     if not name.strip() or name in (".", "..") or any(c in name for c in "/\\"):
         raise ValueError(f"{name!r} is not a plain folder name (the run folder is RUNS_DIR/NAME)")
     return name
-
-
-def _limit(v: Union[int, float]) -> Union[int, float]:
-    """A count (at least 1) or a fraction in (0, 1], as the evaluators take their limit."""
-    from evomerge.config import check_limit
-
-    return check_limit(v)
 
 
 class AlignSourcesConfig(_Strict):
@@ -71,7 +65,7 @@ class EvaluatorRef(_Strict):
     @field_validator("limit")
     @classmethod
     def _limit(cls, v: Optional[Union[int, float]]) -> Optional[Union[int, float]]:
-        return None if v is None else _limit(v)
+        return check_limit(v)  # as the evaluators read it: a count, or a fraction in (0, 1]
 
 
 class ObjectiveConfig(_Strict):
@@ -110,7 +104,7 @@ class FidelityConfig(_Strict):
     @field_validator("screen")
     @classmethod
     def _screen(cls, v: Union[int, float]) -> Union[int, float]:
-        return _limit(v)
+        return check_limit(v)
 
 
 class ConstraintConfig(_Strict):
