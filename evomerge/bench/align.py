@@ -20,8 +20,9 @@ scores the test split; the primary metric is the loss on answer tokens.
 
 ``diagnostics`` say why a barrier stays: the mean activation correlation of matched
 units (residual stream, MLP neurons) of B, and of a model fine-tuned from A for
-scale; how alike their heads attend (:func:`attention_agreement`); and a control where a permutation is known to exist (A against a randomly
-permuted copy of A, which mudsc must bring back to a zero barrier).
+scale; how alike their heads attend (:func:`attention_agreement`); and a control
+where a permutation is known to exist (A against a randomly permuted copy of A,
+which mudsc must bring back to a zero barrier).
 
 ``--search`` (:func:`bench_align_search`) adds acceptance 4's comparison: the same
 search over two independently initialized specialists, with and without
@@ -291,15 +292,15 @@ def attention_maps(model: torch.nn.Module, batches: Sequence[dict[str, torch.Ten
         model.set_attn_implementation(impl)
 
 
-def attention_agreement(a: torch.nn.Module, b: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """How alike two models attend: for each head of A, the best correlation of its
-    attention weights with any head of B (any layer), averaged over A's heads.
+def attention_agreement(fa: torch.Tensor, fb: torch.Tensor) -> dict[str, float]:
+    """How alike two models attend, from their :func:`attention_maps` over the same data:
+    for each head of A, the best correlation of its attention weights with any head of
+    B (any layer), averaged over A's heads.
 
     ``within_A`` is the same for A against its own other heads: a head of B that
     resembles A's heads no more than they resemble each other is no twin of any of
     them, and no permutation of heads or units can make the two models attend alike.
     """
-    fa, fb = attention_maps(a, batches), attention_maps(b, batches)
 
     def unit(x: torch.Tensor) -> torch.Tensor:
         x = x.double() - x.double().mean(dim=1, keepdim=True)
@@ -319,14 +320,17 @@ def _unit_correlations(ea: Endpoint, eb: Endpoint, act: dict[str, Any], data: An
     spec = check_alignable(ea, eb)
     out: dict[str, Any] = {}
     batches = token_batches(data, tok)
+    maps_a = attention_maps(ea.module(), batches)  # compared with B's and the control's
     match = match_permutations(spec, ea.state, eb.state, alpha=0.0, activations=act)
-    out["B (independent init)"] = {**matched_correlations(act, match.permutations), "attention": attention_agreement(ea.module(), eb.module(), batches)}
+    out["B (independent init)"] = {
+        **matched_correlations(act, match.permutations), "attention": attention_agreement(maps_a, attention_maps(eb.module(), batches))
+    }
     if control is not None:
         ec = Endpoint.load(control)
         act_c = activation_moments(ea.module(), ec.module(), batches)
         match_c = match_permutations(spec, ea.state, ec.state, alpha=0.0, activations=act_c)
         out[f"{Path(ec.ref).name} (fine-tuned from A)"] = {
-            **matched_correlations(act_c, match_c.permutations), "attention": attention_agreement(ea.module(), ec.module(), batches)
+            **matched_correlations(act_c, match_c.permutations), "attention": attention_agreement(maps_a, attention_maps(ec.module(), batches))
         }
     return out
 
