@@ -375,9 +375,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="midpoint barrier of two unrelated models: unaligned, weight, activation, mudsc, ensemble",
         description="Compare the endpoints, their output ensemble and the midpoint (A + B) / 2 "
         "without alignment and after weight, activation and mudsc alignment (each alpha of the "
-        "grid, and alpha chosen on validation). By default the zoo's two independently "
-        "initialized bases, scored on the held-out test split. Checks that mudsc at least "
-        "halves the unaligned midpoint barrier.",
+        "grid, and alpha chosen on validation), then that alignment after --refine steps of learned "
+        "refinement. By default the zoo's two independently initialized bases, scored on the "
+        "held-out test split. Checks whether mudsc, and refined mudsc, at least halve the unaligned "
+        "midpoint barrier.",
     )
     al.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
     al.add_argument("--reference", help="model A instead of the zoo's (needs --model, --evaluator, --data)")
@@ -386,6 +387,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     al.add_argument("--data", help="activation data: evaluator preset or .jsonl/text file (with --reference/--model)")
     al.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="mudsc alpha grid (default: 0,0.25,0.5,0.75,1)")
     al.add_argument("--steps", type=int, default=3, help="points on each path, endpoints included (default: 3)")
+    al.add_argument("--refine", type=int, default=500, metavar="STEPS", help="steps of learned refinement of the chosen mudsc alignment, one more row (default: 500; 0: no such row)")
     al.add_argument("--limit", type=int, help="test examples per skill (zoo only; default: all)")
     al.add_argument("--search", action="store_true", help="also run the same search over two independently initialized specialists with and without alignment (zoo only)")
     al.add_argument("--skills", default="add,reverse", help="with --search: A's skill (from base) and B's (fine-tuned from base_alt) (default: add,reverse)")
@@ -531,11 +533,11 @@ def _run_bench_align(args: argparse.Namespace) -> int:
     data = resolve_data(args.data) if args.data else None
     result = bench_align(
         zoo_dir=args.zoo, reference=args.reference, model=args.model, evaluators=evaluators, data=data,
-        alphas=alphas, steps=args.steps, limit=args.limit, progress=not args.json,
+        alphas=alphas, steps=args.steps, limit=args.limit, refine=args.refine, progress=not args.json,
     )
     if args.search:
         result["search"] = bench_align_search(
-            zoo_dir=args.zoo, work_dir=args.workdir, skills=skills, trials=args.trials, seeds=seeds, progress=not args.json,
+            zoo_dir=args.zoo, work_dir=args.workdir, skills=skills, trials=args.trials, seeds=seeds, refine=args.refine, progress=not args.json,
         )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -550,7 +552,8 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
         "--model with its units permuted: the same outputs, now mergeable with the reference. "
         "Methods: weight (weight matching, no data), activation (activations on --data), "
         "mudsc (alpha * weight + (1 - alpha) * activation similarity; alpha chosen on held-out "
-        "data from --alphas unless --alpha is given).",
+        "data from --alphas unless --alpha is given). --refine N then searches, from that start, "
+        "for the permutations whose midpoint merge has the lowest loss on --data.",
     )
     p.add_argument("--reference", required=True, help="model folder (or hub id) whose unit order is kept")
     p.add_argument("--model", required=True, help="model folder (or hub id) to permute")
@@ -558,6 +561,7 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="mudsc balance between weight (1) and activation (0) similarity")
     p.add_argument("--alphas", default=None, help="comma-separated alphas tried when --alpha is not given (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--data", help="activation data: an evaluator preset or a .jsonl/.json/text file")
+    _add_refine_flags(p, "then refine the permutations for this many steps so that the midpoint merge has low loss on --data (learned, slower; default: 0, none)")
     p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
@@ -578,16 +582,32 @@ def _run_align(args: argparse.Namespace) -> int:
     data = resolve_data(args.data) if args.data else None
     summary = align_folder(
         args.reference, args.model, args.out, method=args.method, alpha=args.alpha, data=data,
-        overwrite=args.overwrite, progress=not args.json, **options,
+        overwrite=args.overwrite, progress=not args.json, **_refine_options(args), **options,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
+        refined = summary.get("refine")
+        how = f", refined {refined['steps']} steps: held-out midpoint loss {refined['start_loss']:.4g} -> {refined['best_loss']:.4g}" if refined else ""
         print(
             f"aligned {summary['model']} to {summary['reference']} with {summary['method']} "
-            f"(alpha {summary['alpha']:g}, {summary['passes']} passes, {summary['seconds']:.1f} s) -> {summary['out']}"
+            f"(alpha {summary['alpha']:g}, {summary['passes']} passes{how}, {summary['seconds']:.1f} s) -> {summary['out']}"
         )
     return 0
+
+
+def _add_refine_flags(p: argparse.ArgumentParser, what: str) -> None:
+    from evomerge.align.refine import DEFAULT_LR
+
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS", help=what)
+    p.add_argument("--refine-lr", type=float, default=None, help=f"learning rate of the refinement (default: {DEFAULT_LR:g})")
+
+
+def _refine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--refine and --refine-lr as align_models takes them (--refine-lr alone is refused)."""
+    if args.refine_lr is not None and not args.refine:
+        raise ConfigError("--refine-lr applies with --refine only")
+    return {"refine": args.refine} | ({"refine_lr": args.refine_lr} if args.refine_lr is not None else {})
 
 
 def _limit(text: Optional[str]) -> Optional[Union[int, float]]:
@@ -652,6 +672,7 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--align", choices=["weight", "activation", "mudsc"], help="align B to A first with this method")
     p.add_argument("--alpha", type=float, help="mudsc alpha (default: chosen on held-out data)")
     p.add_argument("--data", help="activation data for --align (default: the evaluator's)")
+    _add_refine_flags(p, "with --align: then refine the permutations for this many steps on the activation data (default: 0, none)")
     p.add_argument("--limit", help="evaluate on this many examples (or this fraction, such as 0.1) only")
     p.add_argument("--plot", type=Path, default=Path("interpolation.png"), help="PNG to write (default: interpolation.png)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -663,8 +684,11 @@ def _run_interpolate(args: argparse.Namespace) -> int:
     from evomerge.interpolate import interpolate
 
     limit = _limit(args.limit)
-    if args.align is None and (args.alpha is not None or args.data is not None):
-        raise ConfigError(f"{'--alpha' if args.alpha is not None else '--data'} applies with --align only")
+    if args.align is None:
+        flags = (("--alpha", args.alpha), ("--data", args.data), ("--refine", args.refine or None), ("--refine-lr", args.refine_lr))
+        given = [f for f, v in flags if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} applies with --align only")
     evaluator = resolve_evaluator(args.evaluator)
     data = None
     if args.align is not None:
@@ -679,12 +703,16 @@ def _run_interpolate(args: argparse.Namespace) -> int:
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     r = interpolate(
         args.a, args.b, evaluator, steps=args.steps, align=args.align, alpha=args.alpha, data=data,
-        metric=args.metric, limit=limit, plot=args.plot, align_options={"log": say}, on_point=None if args.json else row,
+        metric=args.metric, limit=limit, plot=args.plot, align_options={"log": say, **_refine_options(args)},
+        on_point=None if args.json else row,
     )
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    how = f" after {r['align']['method']} alignment (alpha {r['align']['alpha']:g})" if r["align"] else ""
+    how = ""
+    if r["align"]:
+        refined = f", refined {r['align']['refine']['steps']} steps" if r["align"].get("refine") else ""
+        how = f" after {r['align']['method']} alignment (alpha {r['align']['alpha']:g}{refined})"
     print(f"barrier {r['barrier']:.4f}, at the midpoint {r['midpoint_barrier']:.4f} ({r['direction']} {r['metric']}){how}; plot: {r['plot']}")
     return 0
 
@@ -769,7 +797,7 @@ _VERBS: list[Callable[[argparse._SubParsersAction], None]] = [
 # Numeric options that mean a count, wherever a verb has them; --steps counts the
 # points of a path, endpoints included. (evaluate and interpolate take --limit as text:
 # a count or a fraction, read by _limit.)
-_AT_LEAST = {"trials": 1, "workers": 1, "repeats": 1, "sources": 1, "params": 1, "threads": 1, "steps": 3, "limit": 1}
+_AT_LEAST = {"trials": 1, "workers": 1, "repeats": 1, "sources": 1, "params": 1, "threads": 1, "steps": 3, "limit": 1, "refine": 0}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -783,6 +811,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             value = getattr(args, attr, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < least:
                 raise ConfigError(f"--{attr} must be at least {least:g}, got {value:g}")
+        lr = getattr(args, "refine_lr", None)
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"--refine-lr must be more than 0, got {lr:g}")
         timeout = getattr(args, "timeout", None)
         if timeout is not None and not timeout > 0:  # seconds of wall time; `not >` also catches nan
             raise ConfigError(f"--timeout must be more than 0 seconds, got {timeout:g}")

@@ -35,6 +35,7 @@ class AlignSourcesConfig(_Strict):
     alpha: Optional[float] = Field(default=None, ge=0, le=1)
     data: Optional[str] = None  # evaluator preset or .jsonl/text file for activation statistics
     to: Literal["base", "first"] = "base"
+    refine: int = Field(default=0, ge=0, strict=True)  # steps of learned refinement after the matching (needs data)
     originals: Optional[Dict[str, str]] = None  # set by evomerge: aligned folder -> the source it replaces
 
 

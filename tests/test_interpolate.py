@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -158,12 +159,13 @@ def test_interpolate_bad_options_are_one_line_before_scoring(pair, tmp_path: Pat
 
 def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
     a, b, data = pair
-    code = main(["bench", "align", "--reference", str(a), "--model", str(b), "--evaluator", str(data), "--data", str(data), "--alphas", "0,1", "--json"])
+    code = main(["bench", "align", "--reference", str(a), "--model", str(b), "--evaluator", str(data), "--data", str(data), "--alphas", "0,1", "--refine", "20", "--json"])
     assert code == 0
     r = json.loads(capsys.readouterr().out)
     names = [row["row"] for row in r["rows"]]
     assert names[:4] == [f"A ({a.name})", f"B ({b.name})", "ensemble (A, B)", "no alignment"]
     assert names[4:8] == ["weight", "activation", "mudsc alpha=0", "mudsc alpha=1"] and names[8].startswith("mudsc (alpha=")
+    assert re.fullmatch(r"mudsc \(alpha=[01]\) \+ refine 20", names[9]) and len(names) == 10
     primary = r["primary"]
     assert primary == "samples/loss"
     by = {row["row"]: row for row in r["rows"]}
@@ -173,6 +175,9 @@ def test_bench_align_reports_every_method_and_the_check(pair, capsys) -> None:
     assert by["ensemble (A, B)"]["scores"][primary] == pytest.approx(by[f"A ({a.name})"]["scores"][primary], abs=1e-4)
     assert r["check"]["pass"] is True and r["check"]["ratio"] < 1e-3
     assert set(r["check"]["ratios"]) == set(r["metrics"]) and r["check"]["ratios"][primary] == r["check"]["ratio"]
+    # the refined row starts from an exact alignment: refinement keeps it (the best held-out step)
+    assert r["check_refined"]["row"] == names[9] and r["check_refined"]["pass"] is True
+    assert by[names[9]]["refine"]["steps"] == 20 and by[names[9]]["refine"]["best_loss"] <= by[names[9]]["refine"]["start_loss"]
     # diagnostics: B's units all have an exact twin in A; the permuted-copy control closes its barrier
     corr = r["diagnostics"]["matched_unit_correlation"]["B (independent init)"]
     assert corr["residual"] == pytest.approx(1.0, abs=1e-6) and corr["mlp"] == pytest.approx(1.0, abs=1e-6)

@@ -9,6 +9,11 @@ Methods:
                 midpoint merge ``(A + aligned B) / 2`` scores best on validation is kept
                 (validation: the given evaluator, else next-token loss on held-out batches).
 
+``refine=N`` then refines any method's permutations for N steps so that the midpoint
+itself has low next-token loss on the data (:mod:`evomerge.align.refine`, Git
+Re-Basin's straight-through estimator): slower, but where the similarities find no
+unit-to-unit match (independently trained models), it finds permutations that they miss.
+
 Example:
     >>> import torch, transformers
     >>> from evomerge.align.permutation import LlamaSpec, apply_permutations, random_permutations
@@ -41,6 +46,7 @@ from evomerge.align.lm_loss import LMLossEvaluator
 from evomerge.align.matching import match_permutations
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.align.permutation import LlamaSpec, Permutations, apply_permutations
+from evomerge.align.refine import DEFAULT_LR, refine_permutations
 from evomerge.align.similarity import Activations
 from evomerge.errors import ConfigError
 
@@ -62,6 +68,7 @@ class AlignResult:
     converged: bool
     grid: list[dict[str, Any]] = field(default_factory=list)  # one entry per alpha tried
     seconds: float = 0.0
+    refine: Optional[dict[str, Any]] = None  # RefineResult.summary() when refined
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -70,6 +77,7 @@ class AlignResult:
             "passes": self.passes,
             "converged": self.converged,
             "grid": self.grid,
+            "refine": self.refine,
             "seconds": round(self.seconds, 3),
         }
 
@@ -89,6 +97,10 @@ def align_models(
     max_length: int = 128,
     max_examples: Optional[int] = 256,
     activations: Optional[Activations] = None,
+    refine: int = 0,
+    refine_lr: float = DEFAULT_LR,
+    refine_batch_size: int = 32,
+    refine_examples: Optional[int] = 2048,
     log: Optional[Callable[[str], None]] = None,
 ) -> AlignResult:
     """Permute ``model``'s units into ``reference``'s order (see module docstring).
@@ -98,9 +110,14 @@ def align_models(
     evaluator scoring midpoint merges when alpha is chosen from ``alphas``.
     ``activations`` are moments from :func:`~evomerge.align.activations.activation_moments`
     computed beforehand (several alignments of one pair then share them).
+    ``refine`` steps of learned refinement follow the matching, on ``data`` (up to
+    ``refine_examples`` sequences, ``refine_batch_size`` a step).
     """
     start = time.perf_counter()
     tried = alphas_to_try(method, alpha, alphas)
+    check_refine(refine, refine_lr)
+    if refine and data is None:
+        raise ConfigError("refinement needs data to score the merged model on (pass --data: an evaluator or a .jsonl/text file)")
     a, b = Endpoint.load(reference), Endpoint.load(model)
     spec = check_alignable(a, b)
     act = dict(activations) if activations is not None else None
@@ -141,10 +158,17 @@ def align_models(
         best_entry, best = max(results, key=lambda r: sign * r[0]["midpoint"])
     else:
         best_entry, best = results[0]
-    state = apply_permutations(b.state, spec, best.permutations)
+    perms, refined = best.permutations, None
+    if refine:
+        if log is not None:
+            log(f"refining the {method} permutations for {refine} steps ...")
+        batches = token_batches(data, tok, batch_size=refine_batch_size, max_length=max_length, max_examples=refine_examples, tokenizer_of=a.ref)
+        res = refine_permutations(spec, scratch or a.scratch(), a.state, b.state, perms, batches, steps=refine, lr=refine_lr, log=log)
+        perms, refined = res.permutations, res.summary()
+    state = apply_permutations(b.state, spec, perms)
     return AlignResult(
         state_dict=state,
-        permutations=best.permutations,
+        permutations=perms,
         spec=spec,
         method=method,
         alpha=float(best_entry["alpha"]),
@@ -152,7 +176,16 @@ def align_models(
         converged=best.converged,
         grid=[e for e, _ in results],
         seconds=time.perf_counter() - start,
+        refine=refined,
     )
+
+
+def check_refine(steps: Any, lr: Any) -> None:
+    """ConfigError unless ``steps`` is a whole number >= 0 and ``lr`` a positive number."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"refine takes a whole number of steps (0: none), got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"the refinement learning rate must be a positive number, got {lr!r}")
 
 
 def align(reference: ModelRef, model: ModelRef, *, method: str = "mudsc", alpha: Optional[float] = None, data: Any = None, **options: Any) -> dict[str, torch.Tensor]:
@@ -238,8 +271,10 @@ def _card(summary: dict[str, Any]) -> str:
             f"# {Path(summary['model']).name} aligned to {Path(summary['reference']).name}",
             "",
             f"The hidden units of `{summary['model']}` were permuted into the order of `{summary['reference']}` "
-            f"by evomerge ({summary['method']}, alpha {summary['alpha']:g}). The outputs are unchanged; "
-            "only the unit order differs, so the two can be merged. `alignment.json` holds the permutations.",
+            f"by evomerge ({summary['method']}, alpha {summary['alpha']:g}"
+            + (f", then {summary['refine']['steps']} steps of learned refinement" if summary.get("refine") else "")
+            + "). The outputs are unchanged; only the unit order differs, so the two can be merged. "
+            "`alignment.json` holds the permutations.",
             "",
         ]
     )

@@ -27,6 +27,24 @@ from evomerge.align.data import Batch, is_batches, token_batches
 from evomerge.config import check_limit
 
 
+def next_token_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, keep): the next token at each position, and which positions count.
+
+    With ``labels`` only the labelled positions count (-100: prompt, padding), else
+    every real token.
+
+    >>> t, k = next_token_targets({"input_ids": torch.tensor([[5, 6, 7, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])})
+    >>> t.tolist(), k.tolist()
+    ([[6, 7, 0]], [[True, True, False]])
+    """
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if "labels" in batch:
+        target = batch["labels"][:, 1:]
+        return target.clamp_min(0), target != -100
+    target = ids[:, 1:]
+    return target, (mask[:, 1:] if mask is not None else torch.ones_like(target)).bool()
+
+
 class LMLossEvaluator:
     """Mean next-token cross-entropy (nats) and top-1 accuracy over the non-padding tokens.
 
@@ -74,13 +92,7 @@ class LMLossEvaluator:
         for b in batches:
             ids, mask = b["input_ids"], b.get("attention_mask")
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            if "labels" in b:  # only the labelled positions count (-100: prompt, padding)
-                target = b["labels"][:, 1:]
-                keep = target != -100
-                target = target.clamp_min(0)
-            else:
-                target = ids[:, 1:]
-                keep = (mask[:, 1:] if mask is not None else torch.ones_like(target)).bool()
+            target, keep = next_token_targets(b)
             logp = torch.log_softmax(logits, dim=-1)
             tok = logp.gather(-1, target[..., None])[..., 0]
             nll -= float(tok[keep].sum())

@@ -7,6 +7,8 @@ A run config may say::
       models: [zoo/base, zoo/base_alt]
       align: {method: mudsc, data: zoo/data/add/validation.jsonl, to: base}
 
+(``refine: STEPS`` adds learned refinement of each alignment, see :mod:`evomerge.align.refine`.)
+
 :func:`align_run_sources` writes every source but the reference (the base, or the
 first model with ``to: first``), aligned to the reference, into ``out_dir`` and
 returns the ``sources`` section with those entries pointing at the aligned folders
@@ -31,10 +33,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.align.api import ALIGNMENT_FILE, align_folder, alphas_to_try
+from evomerge.align.api import ALIGNMENT_FILE, align_folder, alphas_to_try, check_refine
+from evomerge.align.refine import DEFAULT_LR
 from evomerge.errors import ConfigError
 
-ALIGN_KEYS = ("method", "alpha", "data", "to", "originals")
+ALIGN_KEYS = ("method", "alpha", "data", "to", "refine", "originals")
 
 
 def align_request(spec: dict[str, Any], where: str = "sources.align") -> dict[str, Any]:
@@ -51,6 +54,13 @@ def align_request(spec: dict[str, Any], where: str = "sources.align") -> dict[st
         raise ConfigError(f"{where}: {exc}") from None
     if any(a < 1.0 for a in tried) and not req["data"]:
         raise ConfigError(f"{where}.data: method {req['method']} needs data for activation statistics (an evaluator preset or a .jsonl/text file)")
+    req["refine"] = spec.get("refine", 0)
+    try:
+        check_refine(req["refine"], DEFAULT_LR)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.refine: {exc}") from None
+    if req["refine"] and not req["data"]:
+        raise ConfigError(f"{where}.data: refinement needs data to score the merged model on (an evaluator preset or a .jsonl/text file)")
     return req
 
 
@@ -84,17 +94,20 @@ def align_run_sources(sources: dict[str, Any], out_dir: Path, *, base_dir: Optio
             continue
         folder = (Path(out_dir) / _folder_name(ref, used)).absolute()
         request = {"reference": reference, "model": ref, **{k: req[k] for k in ("method", "alpha", "data")}}
+        if req["refine"]:  # only then: folders aligned before refinement existed still answer their request
+            request["refine"] = req["refine"]
         if not _answers(folder, request):
             if progress:
                 # stderr: stdout may be the JSON summary of `evomerge search --json`
-                print(f"aligning {ref} to {reference} ({req['method']}) -> {folder}", file=sys.stderr, flush=True)
-            align_folder(reference, ref, folder, method=req["method"], alpha=req["alpha"], data=data, overwrite=True, request=request)
+                how = req["method"] + (f" + refine {req['refine']}" if req["refine"] else "")
+                print(f"aligning {ref} to {reference} ({how}) -> {folder}", file=sys.stderr, flush=True)
+            align_folder(reference, ref, folder, method=req["method"], alpha=req["alpha"], data=data, overwrite=True, request=request, refine=req["refine"])
         renamed[ref] = str(folder)
         originals[str(folder)] = ref
     out["models"] = [renamed.get(m, m) for m in models]
     if base:
         out["base_model"] = renamed.get(base, base)
-    out["align"] = dict(spec, **{k: req[k] for k in ("method", "alpha", "to")}, originals=originals)
+    out["align"] = dict(spec, **{k: req[k] for k in ("method", "alpha", "to", "refine")}, originals=originals)
     return out
 
 

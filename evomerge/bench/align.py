@@ -7,12 +7,15 @@ Two models from different random initializations (by default the zoo's ``base`` 
 - the midpoint ``(A + B) / 2`` without alignment;
 - the midpoint after aligning B to A with ``weight``, ``activation`` and ``mudsc``
   at each alpha of the grid (0 and 1 included), and ``mudsc`` with alpha chosen on
-  the validation split.
+  the validation split;
+- that last alignment after learned refinement (``refine`` steps, see
+  :mod:`evomerge.align.refine`), trained on the rest of the validation split.
 
 For every metric the *midpoint barrier* is the drop below the endpoints' mean (in
 the metric's bad direction; see :mod:`evomerge.interpolate`). The check of issue 8:
 after ``mudsc`` (alpha chosen on validation) the midpoint barrier of the primary
-metric is at most half the unaligned one.
+metric is at most half the unaligned one; it is made for the plain and for the
+refined alignment.
 
 On the zoo, the data are the skills in the generic form the bases were pretrained on
 (``add 47+8=``): activations and the choice of alpha use the validation split, the
@@ -46,6 +49,7 @@ from evomerge.align.ensemble import EnsembleEvaluator
 from evomerge.align.lm_loss import LMLossEvaluator
 from evomerge.align.models import Endpoint, blend, check_alignable, load_into
 from evomerge.align.permutation import LlamaSpec
+from evomerge.align.refine import DEFAULT_STEPS as DEFAULT_REFINE
 from evomerge.errors import ConfigError
 from evomerge.interpolate import barriers
 
@@ -70,7 +74,8 @@ def zoo_setup(zoo_dir: Path, *, limit: Optional[int] = None, fit: int = 64) -> d
     """The zoo's alignment pair, activation/validation batches and test evaluators.
 
     Per skill, the first ``fit`` validation examples feed the activation statistics,
-    the next ``fit`` choose alpha; ``limit`` test examples (default all) are scored.
+    the next ``fit`` choose alpha, the rest train the refinement; ``limit`` test
+    examples (default all) are scored.
     """
     from evomerge._zoo_data import SKILLS
     from evomerge._zoo_model import PAD_ID, pack, vocab
@@ -86,6 +91,12 @@ def zoo_setup(zoo_dir: Path, *, limit: Optional[int] = None, fit: int = 64) -> d
             out += [(SKILLS[skill].generic_prompt(r["input"]), r["answer"]) for r in rows]
         return out
 
+    def mixed(ps: list[tuple[str, str]]) -> list[tuple[str, str]]:  # every batch a mix of skills
+        import random
+
+        random.Random(0).shuffle(ps)
+        return ps
+
     def batches(ps: list[tuple[str, str]], size: int = 64) -> list[dict[str, torch.Tensor]]:
         out = []
         for i in range(0, len(ps), size):
@@ -98,6 +109,7 @@ def zoo_setup(zoo_dir: Path, *, limit: Optional[int] = None, fit: int = 64) -> d
         "reference": str(z.models[a]),
         "model": str(z.models[b]),
         "data": batches(pairs("validation", 0, fit)),
+        "refine_data": batches(mixed(pairs("validation", 2 * fit)), size=32),  # the rest of validation
         "validation": LMLossEvaluator(batches(pairs("validation", fit, 2 * fit)), name="validation"),
         "evaluators": [LMLossEvaluator(batches(test), name="answers"), ExactMatch(test)],
         "control": str(z.models[z.skills[0]]) if a == "base" and z.skills else None,  # fine-tuned from A
@@ -114,16 +126,23 @@ def bench_align(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     steps: int = 3,
     limit: Optional[int] = None,
+    refine: int = DEFAULT_REFINE,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Run the comparison; returns the table as a dict (``format_table`` prints it)."""
+    """Run the comparison; returns the table as a dict (``format_table`` prints it).
+
+    ``refine`` > 0 adds a row: the mudsc alignment chosen on validation, refined for
+    that many steps (:mod:`evomerge.align.refine`), and its check.
+    """
     start = time.perf_counter()
     log: Callable[[str], None] = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
     validation = None
     control = None
+    refine_data = data
     if reference is None and model is None:
         setup = zoo_setup(Path(zoo_dir), limit=limit)
         reference, model, data, control = setup["reference"], setup["model"], setup["data"], setup["control"]
+        refine_data = setup["refine_data"]
         evaluators, validation = setup["evaluators"], setup["validation"]
     if reference is None or model is None:
         raise ConfigError("give both --reference and --model, or neither (the zoo's pair)")
@@ -183,11 +202,26 @@ def bench_align(
             extra["grid"] = res.grid
             name = f"mudsc (alpha={res.alpha:g} on val.)"
         rows.append(path_row(name, res.state_dict, extra))
+    mudsc_row = rows[-1]
+    if refine:
+        chosen_alpha = mudsc_row["alpha"]
+        res = align_models(ea, eb, method="mudsc", alpha=chosen_alpha, data=refine_data, tokenizer=tok, activations=act, refine=refine, log=log)
+        extra = {"method": "mudsc", "alpha": res.alpha, "refine": res.refine, "align_seconds": round(res.seconds, 3)}
+        rows.append(path_row(f"mudsc (alpha={chosen_alpha:g}) + refine {refine}", res.state_dict, extra))
     unaligned = unaligned_row["midpoint_barrier"][primary]
-    chosen = rows[-1]["midpoint_barrier"][primary]
-    ratio = chosen / unaligned if unaligned > 0 else float("nan")
-    # the same ratio on every metric: whether any of them halves (None: no barrier to halve)
-    ratios = {m: (rows[-1]["midpoint_barrier"][m] / unaligned_row["midpoint_barrier"][m] if unaligned_row["midpoint_barrier"][m] > 0 else None) for m in directions}
+
+    def check(row: dict[str, Any]) -> dict[str, Any]:
+        chosen = row["midpoint_barrier"][primary]
+        return {
+            "row": row["row"],
+            "metric": primary,
+            "unaligned_midpoint_barrier": unaligned,
+            "mudsc_midpoint_barrier": chosen,
+            "ratio": chosen / unaligned if unaligned > 0 else float("nan"),
+            # the same ratio on every metric: whether any of them halves (None: no barrier to halve)
+            "ratios": {m: (row["midpoint_barrier"][m] / unaligned_row["midpoint_barrier"][m] if unaligned_row["midpoint_barrier"][m] > 0 else None) for m in directions},
+            "pass": bool(unaligned > 0 and chosen <= 0.5 * unaligned),
+        }
     why: dict[str, Any] = {}
     if act is not None:
         log("diagnostics: matched unit correlations, and a randomly permuted copy of A")
@@ -200,14 +234,8 @@ def bench_align(
         "primary": primary,
         "steps": steps,
         "rows": rows,
-        "check": {
-            "metric": primary,
-            "unaligned_midpoint_barrier": unaligned,
-            "mudsc_midpoint_barrier": chosen,
-            "ratio": ratio,
-            "ratios": ratios,
-            "pass": bool(unaligned > 0 and chosen <= 0.5 * unaligned),
-        },
+        "check": check(mudsc_row),
+        "check_refined": check(rows[-1]) if refine else None,
         "diagnostics": why,
         "seconds": round(time.perf_counter() - start, 2),
     }
@@ -226,15 +254,17 @@ def format_table(result: dict[str, Any]) -> str:
         b = r.get("midpoint_barrier", {}).get(primary)
         cells.append(("" if b is None else f"{b:.4f}").rjust(9))
         lines.append("  ".join(cells))
-    c = result["check"]
     lines.append("")
-    lines.append(
-        f"midpoint barrier on {c['metric']}: {c['unaligned_midpoint_barrier']:.4f} unaligned, "
-        f"{c['mudsc_midpoint_barrier']:.4f} after mudsc (ratio {c['ratio']:.3f}; at most 0.5 passes): "
-        + ("PASS" if c["pass"] else "FAIL")
-    )
-    if c.get("ratios"):
-        lines.append("the same ratio on every metric: " + ", ".join(f"{m} {'-' if r is None else f'{r:.3f}'}" for m, r in c["ratios"].items()))
+    for c, what in ((result["check"], "mudsc"), (result.get("check_refined"), "mudsc + refinement")):
+        if not c:
+            continue
+        lines.append(
+            f"midpoint barrier on {c['metric']}: {c['unaligned_midpoint_barrier']:.4f} unaligned, "
+            f"{c['mudsc_midpoint_barrier']:.4f} after {what} (ratio {c['ratio']:.3f}; at most 0.5 passes): "
+            + ("PASS" if c["pass"] else "FAIL")
+        )
+        if c.get("ratios"):
+            lines.append("  the same ratio on every metric: " + ", ".join(f"{m} {'-' if r is None else f'{r:.3f}'}" for m, r in c["ratios"].items()))
     d = result.get("diagnostics") or {}
     for who, corr in d.get("matched_unit_correlation", {}).items():
         lines.append(f"mean activation correlation of matched units, A vs {who}: residual {corr['residual']:.3f}, MLP {corr['mlp']:.3f}")
@@ -428,6 +458,7 @@ def bench_align_search(
     method: str = "mudsc",
     trials: int = 60,
     seeds: Sequence[int] = (0, 1, 2),
+    refine: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
     """The same search over two independently initialized specialists, with and without alignment.
@@ -437,8 +468,10 @@ def bench_align_search(
     searches (CMA-ES on the mean validation accuracy of the two skills, ``trials``
     trials, serial) run once per seed; the aligned one adds
     ``sources.align: {method, data, to: first}`` (activation data: the skills'
-    validation prompts with answers). Reported: the test accuracy of the member best
-    on validation, for each search and seed, their mean over seeds, and the endpoints.
+    validation prompts with answers). ``refine`` > 0 adds a third search per seed
+    whose alignment is refined for that many steps on the same data. Reported: the
+    test accuracy of the member best on validation, for each search and seed, their
+    mean over seeds, and the endpoints.
     """
     import json
     import shutil
@@ -477,11 +510,14 @@ def bench_align_search(
 
     endpoints = {f"A ({skills[0]}, from base)": test_acc(a), f"B ({skills[1]}, from base_alt)": test_acc(b)}
     runs_dir = work_dir / "runs"
-    names = ("unaligned", f"aligned ({method})")
-    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    plain = {"method": method, "data": str(data_file), "to": "first"}
+    variants: list[tuple[str, str, Optional[dict[str, Any]]]] = [("unaligned", "unaligned", None), (f"aligned ({method})", "aligned", plain)]
+    if refine:
+        variants.append((f"aligned ({method} + refine {refine})", "refined", dict(plain, refine=refine)))
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in variants}
     for seed in seeds:
-        for name, align in zip(names, (None, {"method": method, "data": str(data_file), "to": "first"})):
-            run_name = f"{'aligned' if align else 'unaligned'}_seed{seed}"
+        for name, slug, align in variants:
+            run_name = f"{slug}_seed{seed}"
             shutil.rmtree(runs_dir / run_name, ignore_errors=True)
             runs_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = runs_dir / f"{run_name}.yaml"
@@ -509,7 +545,19 @@ def bench_align_search(
             results[name].append(entry)
             log(f"search {name}, seed {seed}: best on validation trial {best['trial']}, test mean accuracy {entry['test_mean']:.4f}")
     mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
-    un, al = mean(results[names[0]], "test_mean"), mean(results[names[1]], "test_mean")
+    names = [name for name, _, _ in variants]
+    un = mean(results[names[0]], "test_mean")
+
+    def check(name: str) -> dict[str, Any]:
+        al = mean(results[name], "test_mean")
+        return {
+            "metric": "test mean accuracy of the best-on-validation member, averaged over seeds",
+            "unaligned": un,
+            "aligned": al,
+            "aligned_wins": sum(x["test_mean"] > y["test_mean"] for x, y in zip(results[name], results[names[0]])),
+            "pass": bool(al > un),
+        }
+
     return {
         "a": str(a),
         "b": str(b),
@@ -521,13 +569,8 @@ def bench_align_search(
         "seeds": list(seeds),
         "endpoints_test": endpoints,
         "searches": results,
-        "check": {
-            "metric": "test mean accuracy of the best-on-validation member, averaged over seeds",
-            "unaligned": un,
-            "aligned": al,
-            "aligned_wins": sum(x["test_mean"] > y["test_mean"] for x, y in zip(results[names[1]], results[names[0]])),
-            "pass": bool(al > un),
-        },
+        "check": check(names[1]),
+        "check_refined": check(names[2]) if refine else None,
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -545,11 +588,13 @@ def format_search_table(result: dict[str, Any]) -> str:
         mean = sum(scores[m] for m in metrics) / len(metrics)
         cells = [name.ljust(first)] + [f"{scores[m]:.4f}".rjust(w) for m, w in zip(metrics, cols)]
         lines.append("  ".join(cells + [f"{mean:.4f}".rjust(7), ("" if val is None else f"{val:.4f}").rjust(9)]))
-    c = result["check"]
     lines.append("")
-    lines.append(
-        f"{result['search_space']}, {result['trials']} trials, seeds {', '.join(map(str, result['seeds']))}: test mean accuracy "
-        f"{c['unaligned']:.4f} unaligned, {c['aligned']:.4f} aligned ({result['method']}; better in {c['aligned_wins']} of {len(result['seeds'])} seeds): "
-        + ("PASS" if c["pass"] else "FAIL")
-    )
+    for c, what in ((result["check"], result["method"]), (result.get("check_refined"), f"{result['method']} + refinement")):
+        if not c:
+            continue
+        lines.append(
+            f"{result['search_space']}, {result['trials']} trials, seeds {', '.join(map(str, result['seeds']))}: test mean accuracy "
+            f"{c['unaligned']:.4f} unaligned, {c['aligned']:.4f} aligned ({what}; better in {c['aligned_wins']} of {len(result['seeds'])} seeds): "
+            + ("PASS" if c["pass"] else "FAIL")
+        )
     return "\n".join(lines)
