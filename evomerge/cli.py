@@ -537,7 +537,7 @@ def _run_bench_align(args: argparse.Namespace) -> int:
     )
     if args.search:
         result["search"] = bench_align_search(
-            zoo_dir=args.zoo, work_dir=args.workdir, skills=skills, trials=args.trials, seeds=seeds, refine=args.refine, progress=not args.json,
+            zoo_dir=args.zoo, work_dir=args.workdir, skills=skills, trials=args.trials, seeds=seeds, progress=not args.json,
         )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
@@ -588,7 +588,7 @@ def _run_align(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         refined = summary.get("refine")
-        how = f", refined {refined['steps']} steps: held-out midpoint loss {refined['start_loss']:.4g} -> {refined['best_loss']:.4g}" if refined else ""
+        how = f", refined {refined['steps']} steps ({refined['blend']}): held-out midpoint loss {refined['start_loss']:.4g} -> {refined['best_loss']:.4g}" if refined else ""
         print(
             f"aligned {summary['model']} to {summary['reference']} with {summary['method']} "
             f"(alpha {summary['alpha']:g}, {summary['passes']} passes{how}, {summary['seconds']:.1f} s) -> {summary['out']}"
@@ -596,18 +596,24 @@ def _run_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_refine_flags(p: argparse.ArgumentParser, what: str) -> None:
-    from evomerge.align.refine import DEFAULT_LR
+def _add_refine_flags(p: argparse.ArgumentParser, what: str, blend: str = "layerwise") -> None:
+    from evomerge.align.refine import BLENDS, DEFAULT_LR
 
     p.add_argument("--refine", type=int, default=0, metavar="STEPS", help=what)
     p.add_argument("--refine-lr", type=float, default=None, help=f"learning rate of the refinement (default: {DEFAULT_LR:g})")
+    p.add_argument(
+        "--refine-blend", choices=BLENDS, default=None,
+        help=f"merges the refinement is trained on: the midpoint, the whole straight path, or per-layer weightings as a search makes them (default: {blend})",
+    )
+    p.set_defaults(refine_blend_default=blend)
 
 
 def _refine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """--refine and --refine-lr as align_models takes them (--refine-lr alone is refused)."""
-    if args.refine_lr is not None and not args.refine:
-        raise ConfigError("--refine-lr applies with --refine only")
-    return {"refine": args.refine} | ({"refine_lr": args.refine_lr} if args.refine_lr is not None else {})
+    """--refine, --refine-lr and --refine-blend as align_models takes them (the last two need --refine)."""
+    given = {k: v for k, v in (("refine_lr", args.refine_lr), ("refine_blend", args.refine_blend)) if v is not None}
+    if given and not args.refine:
+        raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies with --refine only")
+    return {"refine": args.refine, "refine_blend": args.refine_blend_default, **given}
 
 
 def _limit(text: Optional[str]) -> Optional[Union[int, float]]:
@@ -672,7 +678,7 @@ def _add_interpolate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--align", choices=["weight", "activation", "mudsc"], help="align B to A first with this method")
     p.add_argument("--alpha", type=float, help="mudsc alpha (default: chosen on held-out data)")
     p.add_argument("--data", help="activation data for --align (default: the evaluator's)")
-    _add_refine_flags(p, "with --align: then refine the permutations for this many steps on the activation data (default: 0, none)")
+    _add_refine_flags(p, "with --align: then refine the permutations for this many steps on the activation data (default: 0, none)", blend="path")
     p.add_argument("--limit", help="evaluate on this many examples (or this fraction, such as 0.1) only")
     p.add_argument("--plot", type=Path, default=Path("interpolation.png"), help="PNG to write (default: interpolation.png)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -685,7 +691,7 @@ def _run_interpolate(args: argparse.Namespace) -> int:
 
     limit = _limit(args.limit)
     if args.align is None:
-        flags = (("--alpha", args.alpha), ("--data", args.data), ("--refine", args.refine or None), ("--refine-lr", args.refine_lr))
+        flags = (("--alpha", args.alpha), ("--data", args.data), ("--refine", args.refine or None), ("--refine-lr", args.refine_lr), ("--refine-blend", args.refine_blend))
         given = [f for f, v in flags if v is not None]
         if given:
             raise ConfigError(f"{given[0]} applies with --align only")

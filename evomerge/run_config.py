@@ -36,6 +36,7 @@ class AlignSourcesConfig(_Strict):
     data: Optional[str] = None  # evaluator preset or .jsonl/text file for activation statistics
     to: Literal["base", "first"] = "base"
     refine: int = Field(default=0, ge=0, strict=True)  # steps of learned refinement after the matching (needs data)
+    refine_blend: Literal["midpoint", "path", "layerwise"] = "layerwise"  # the merges refinement is trained on
     originals: Optional[Dict[str, str]] = None  # set by evomerge: aligned folder -> the source it replaces
 
 

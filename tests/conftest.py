@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +54,26 @@ def demo_run(zoo_dir, tmp_path_factory):
         code = main(["demo", "--zoo", str(zoo_dir), "--runs-dir", str(runs)])
     assert code == 0, out.getvalue()[-2000:]
     return runs, out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def permuted_pair(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A GQA model A, B = A with random permutations of every kind (folders), and texts."""
+    from safetensors.torch import load_file, save_file
+
+    from evomerge._testing import llama_config, write_char_tokenizer, write_family
+    from evomerge.align import LlamaSpec, apply_permutations, random_permutations
+
+    root = tmp_path_factory.mktemp("pair")
+    cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)
+    (a,) = write_family(root / "fam", 0, seed=11, cfg=cfg)
+    spec = LlamaSpec.from_config(cfg)
+    perms = random_permutations(spec, torch.Generator().manual_seed(7))
+    b = root / "b"
+    b.mkdir()
+    save_file(apply_permutations(load_file(str(a / "model.safetensors")), spec, perms), str(b / "model.safetensors"))
+    (b / "config.json").write_text((a / "config.json").read_text())
+    write_char_tokenizer(b, cfg["vocab_size"])
+    texts = root / "texts.txt"
+    texts.write_text("\n".join(f"the {i} quick brown fox {i * 7 % 13} jumps" for i in range(24)))
+    return a, b, texts

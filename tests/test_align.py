@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evomerge._testing import llama_config, write_char_tokenizer, write_family
+from evomerge._testing import llama_config, write_family
 from evomerge.align import (
     KINDS,
     LlamaSpec,
@@ -118,24 +118,6 @@ def test_rotary_dimensions_stay_in_place() -> None:
 
 
 # --------------------------------------------------------------------------- recovery
-@pytest.fixture(scope="module")
-def permuted_pair(tmp_path_factory) -> tuple[Path, Path, object]:
-    """A GQA model A and B = A with random permutations of every kind, as folders."""
-    root = tmp_path_factory.mktemp("pair")
-    cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)
-    (a,) = write_family(root / "fam", 0, seed=11, cfg=cfg)
-    spec = LlamaSpec.from_config(cfg)
-    perms = random_permutations(spec, torch.Generator().manual_seed(7))
-    b = root / "b"
-    b.mkdir()
-    save_file(apply_permutations(load_file(str(a / "model.safetensors")), spec, perms), str(b / "model.safetensors"))
-    (b / "config.json").write_text((a / "config.json").read_text())
-    write_char_tokenizer(b, cfg["vocab_size"])
-    texts = root / "texts.txt"
-    texts.write_text("\n".join(f"the {i} quick brown fox {i * 7 % 13} jumps" for i in range(24)))
-    return a, b, texts
-
-
 @pytest.mark.parametrize("method,alpha", [("weight", None), ("activation", None), ("mudsc", 0.5), ("mudsc", None)])
 def test_align_recovers_a_known_permutation_exactly(permuted_pair, tmp_path: Path, method: str, alpha) -> None:
     a, b, texts = permuted_pair

@@ -19,7 +19,7 @@ from evomerge.cli import main
 
 def test_search_with_and_without_alignment_reports_held_out_accuracy(zoo_dir: Path, tmp_path: Path, capsys) -> None:
     work = tmp_path / "work"
-    r = bench_align_search(zoo_dir=zoo_dir, work_dir=work, skills=("add", "reverse"), method="weight", trials=2, seeds=(0,))
+    r = bench_align_search(zoo_dir=zoo_dir, work_dir=work, skills=("add", "reverse"), method="weight", trials=2, seeds=(0,), refine=5)
     assert capsys.readouterr().out == ""  # quiet: stdout stays clean for --json
     # B is reverse fine-tuned from base_alt, outside the zoo folder, and good at its skill
     b = Path(r["b"])
@@ -30,8 +30,8 @@ def test_search_with_and_without_alignment_reports_held_out_accuracy(zoo_dir: Pa
     stamp = (b / "model.safetensors").stat().st_mtime_ns
     assert alt_specialist(zoo_dir, "reverse", work) == b and (b / "model.safetensors").stat().st_mtime_ns == stamp
 
-    un, al = r["searches"]["unaligned"], r["searches"]["aligned (weight)"]
-    for runs in (un, al):
+    un, al, ref = r["searches"]["unaligned"], r["searches"]["aligned (weight)"], r["searches"]["aligned (weight + refine 5)"]
+    for runs in (un, al, ref):
         (one,) = runs
         assert one["n_complete"] == 2 and set(one["test"]) == {"add/accuracy", "reverse/accuracy"}
         assert all(0.0 <= v <= 1.0 for v in one["test"].values())
@@ -40,11 +40,14 @@ def test_search_with_and_without_alignment_reports_held_out_accuracy(zoo_dir: Pa
     plain = yaml.safe_load((Path(un[0]["run_dir"]) / "config.yaml").read_text())
     assert frozen["sources"]["align"]["originals"] == {frozen["sources"]["models"][1]: str(b)}
     assert plain["sources"]["models"] == [r["a"], str(b)] and "align" not in plain["sources"]
-    c = r["check"]
+    refined = yaml.safe_load((Path(ref[0]["run_dir"]) / "config.yaml").read_text())["sources"]["align"]
+    assert refined["refine"] == 5 and refined["refine_blend"] == "layerwise"  # the weightings a layerwise search makes
+    c, cr = r["check"], r["check_refined"]
     assert c["unaligned"] == un[0]["test_mean"] and c["aligned"] == al[0]["test_mean"]
-    assert c["pass"] == (c["aligned"] > c["unaligned"])
+    assert c["pass"] == (c["aligned"] > c["unaligned"]) and cr["aligned"] == ref[0]["test_mean"]
     table = format_search_table(r)
     assert "search unaligned, seed 0" in table and "search aligned (weight), seed 0" in table
+    assert "aligned (weight + refinement; better in" in table
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from evomerge._testing import llama_config, write_char_tokenizer, write_family
-from evomerge.align import LlamaSpec, align_folder, align_models, apply_permutations, random_permutations
+from evomerge.align import LlamaSpec, align_folder, align_models, random_permutations
 from evomerge.align.models import Endpoint, blend, load_into
 from evomerge.align.refine import refine_permutations
 from evomerge.align.sources import align_run_sources
@@ -32,7 +30,7 @@ def test_refinement_opens_the_path_between_the_zoo_bases_and_keeps_b(zoo_dir: Pa
     tok = a.tokenizer()
     test = s["evaluators"][0]  # answer loss on 100 test examples per skill
     plain = align_models(a, b, method="mudsc", alpha=0.0, data=s["data"], tokenizer=tok)
-    refined = align_models(a, b, method="mudsc", alpha=0.0, data=s["refine_data"], tokenizer=tok, refine=150)
+    refined = align_models(a, b, method="mudsc", alpha=0.0, data=s["refine_data"], tokenizer=tok, refine=150, refine_blend="midpoint")
     assert refined.refine["steps"] == 150 and refined.refine["best_loss"] < refined.refine["start_loss"] - 1.0
     scratch = a.scratch()
 
@@ -47,22 +45,6 @@ def test_refinement_opens_the_path_between_the_zoo_bases_and_keeps_b(zoo_dir: Pa
     ids = s["data"][0]["input_ids"][:8]
     with torch.no_grad():
         assert (scratch(input_ids=ids).logits - b.module()(input_ids=ids).logits).abs().max().item() < 1e-4
-
-
-@pytest.fixture(scope="module")
-def permuted_pair(tmp_path_factory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("pair")
-    cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)
-    (a,) = write_family(root / "fam", 0, seed=5, cfg=cfg)
-    spec = LlamaSpec.from_config(cfg)
-    b = root / "b"
-    b.mkdir()
-    save_file(apply_permutations(load_file(str(a / "model.safetensors")), spec, random_permutations(spec, torch.Generator().manual_seed(3))), str(b / "model.safetensors"))
-    (b / "config.json").write_text((a / "config.json").read_text())
-    write_char_tokenizer(b, cfg["vocab_size"])
-    texts = root / "texts.txt"
-    texts.write_text("\n".join(f"the {i} quick brown fox {i * 7 % 13} jumps" for i in range(32)))
-    return a, b, texts
 
 
 def test_a_step_that_moves_nothing_keeps_the_start(permuted_pair) -> None:
@@ -83,7 +65,7 @@ def test_cli_align_refine_records_it_and_keeps_the_function(permuted_pair, tmp_p
     out = tmp_path / "out"
     assert main(["align", "--reference", str(a), "--model", str(b), "--method", "weight", "--data", str(texts), "--refine", "20", "--out", str(out)]) == 0
     cap = capsys.readouterr()
-    assert "refined 20 steps: held-out midpoint loss" in cap.out
+    assert "refined 20 steps (layerwise): held-out midpoint loss" in cap.out
     assert "refining the weight permutations for 20 steps" in cap.err and "refine step 20/20" in cap.err
     record = json.loads((out / "alignment.json").read_text())
     assert record["refine"]["steps"] == 20 and record["refine"]["best_loss"] <= record["refine"]["start_loss"]
@@ -100,6 +82,7 @@ def test_cli_align_refine_records_it_and_keeps_the_function(permuted_pair, tmp_p
         (["--refine", "-1", "--data", "TEXTS"], "--refine must be at least 0, got -1"),
         (["--refine", "5", "--refine-lr", "0", "--data", "TEXTS"], "--refine-lr must be more than 0, got 0"),
         (["--refine-lr", "0.01", "--data", "TEXTS"], "--refine-lr applies with --refine only"),
+        (["--refine-blend", "path", "--data", "TEXTS"], "--refine-blend applies with --refine only"),
         (["--refine", "5"], "refinement needs data to score the merged model on"),
     ],
 )
@@ -120,6 +103,8 @@ def test_interpolate_refine_needs_align(permuted_pair, tmp_path: Path, capsys) -
     assert capsys.readouterr().err.strip().endswith("--refine applies with --align only")
     assert main(["interpolate", str(a), str(b), "--evaluator", str(texts), "--steps", "3", "--plot", str(plot), "--align", "weight", "--refine", "4"]) == 0
     assert "alignment (alpha 1, refined 4 steps)" in capsys.readouterr().out
+    assert main(["interpolate", str(a), str(b), "--evaluator", str(texts), "--steps", "3", "--plot", str(plot), "--align", "weight", "--refine", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["align"]["refine"]["blend"] == "path"  # the merges interpolate scores
 
 
 def test_run_sources_refine(permuted_pair, tmp_path: Path) -> None:
@@ -128,10 +113,13 @@ def test_run_sources_refine(permuted_pair, tmp_path: Path) -> None:
     out = align_run_sources(sources, tmp_path / "aligned")
     record = json.loads((Path(out["models"][1]) / "alignment.json").read_text())
     assert record["request"]["refine"] == 5 and record["refine"]["steps"] == 5 and out["align"]["refine"] == 5
+    assert record["refine"]["blend"] == record["request"]["refine_blend"] == out["align"]["refine_blend"] == "layerwise"
     with pytest.raises(ConfigError, match="sources.align.data: refinement needs data"):
         align_run_sources(dict(sources, align={"method": "weight", "refine": 5}), tmp_path / "x")
     with pytest.raises(ConfigError, match="sources.align.refine: refine takes a whole number of steps"):
         align_run_sources(dict(sources, align={"method": "weight", "refine": 2.5, "data": str(texts)}), tmp_path / "x")
+    with pytest.raises(ConfigError, match="sources.align.refine_blend: unknown refinement blend 'middle'"):
+        align_run_sources(dict(sources, align={"method": "weight", "refine": 2, "refine_blend": "middle", "data": str(texts)}), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 

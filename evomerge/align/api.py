@@ -46,7 +46,7 @@ from evomerge.align.lm_loss import LMLossEvaluator
 from evomerge.align.matching import match_permutations
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.align.permutation import LlamaSpec, Permutations, apply_permutations
-from evomerge.align.refine import DEFAULT_LR, refine_permutations
+from evomerge.align.refine import BLENDS, DEFAULT_LR, refine_permutations
 from evomerge.align.similarity import Activations
 from evomerge.errors import ConfigError
 
@@ -99,6 +99,7 @@ def align_models(
     activations: Optional[Activations] = None,
     refine: int = 0,
     refine_lr: float = DEFAULT_LR,
+    refine_blend: str = "layerwise",
     refine_batch_size: int = 32,
     refine_examples: Optional[int] = 2048,
     log: Optional[Callable[[str], None]] = None,
@@ -111,11 +112,12 @@ def align_models(
     ``activations`` are moments from :func:`~evomerge.align.activations.activation_moments`
     computed beforehand (several alignments of one pair then share them).
     ``refine`` steps of learned refinement follow the matching, on ``data`` (up to
-    ``refine_examples`` sequences, ``refine_batch_size`` a step).
+    ``refine_examples`` sequences, ``refine_batch_size`` a step), trained on the
+    ``refine_blend`` merges (see :mod:`evomerge.align.refine`).
     """
     start = time.perf_counter()
     tried = alphas_to_try(method, alpha, alphas)
-    check_refine(refine, refine_lr)
+    check_refine(refine, refine_lr, refine_blend)
     if refine and data is None:
         raise ConfigError("refinement needs data to score the merged model on (pass --data: an evaluator or a .jsonl/text file)")
     a, b = Endpoint.load(reference), Endpoint.load(model)
@@ -163,7 +165,7 @@ def align_models(
         if log is not None:
             log(f"refining the {method} permutations for {refine} steps ...")
         batches = token_batches(data, tok, batch_size=refine_batch_size, max_length=max_length, max_examples=refine_examples, tokenizer_of=a.ref)
-        res = refine_permutations(spec, scratch or a.scratch(), a.state, b.state, perms, batches, steps=refine, lr=refine_lr, log=log)
+        res = refine_permutations(spec, scratch or a.scratch(), a.state, b.state, perms, batches, steps=refine, lr=refine_lr, blend=refine_blend, log=log)
         perms, refined = res.permutations, res.summary()
     state = apply_permutations(b.state, spec, perms)
     return AlignResult(
@@ -180,12 +182,14 @@ def align_models(
     )
 
 
-def check_refine(steps: Any, lr: Any) -> None:
-    """ConfigError unless ``steps`` is a whole number >= 0 and ``lr`` a positive number."""
+def check_refine(steps: Any, lr: Any = DEFAULT_LR, blend: Any = "layerwise") -> None:
+    """ConfigError unless ``steps`` is a whole number >= 0, ``lr`` a positive number and ``blend`` known."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"refine takes a whole number of steps (0: none), got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"the refinement learning rate must be a positive number, got {lr!r}")
+    if blend not in BLENDS:
+        raise ConfigError(f"unknown refinement blend {blend!r} (known: {', '.join(BLENDS)})")
 
 
 def align(reference: ModelRef, model: ModelRef, *, method: str = "mudsc", alpha: Optional[float] = None, data: Any = None, **options: Any) -> dict[str, torch.Tensor]:
@@ -272,7 +276,7 @@ def _card(summary: dict[str, Any]) -> str:
             "",
             f"The hidden units of `{summary['model']}` were permuted into the order of `{summary['reference']}` "
             f"by evomerge ({summary['method']}, alpha {summary['alpha']:g}"
-            + (f", then {summary['refine']['steps']} steps of learned refinement" if summary.get("refine") else "")
+            + (f", then {summary['refine']['steps']} steps of learned refinement on {summary['refine']['blend']} blends" if summary.get("refine") else "")
             + "). The outputs are unchanged; only the unit order differs, so the two can be merged. "
             "`alignment.json` holds the permutations.",
             "",

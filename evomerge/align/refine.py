@@ -9,15 +9,23 @@ with the straight-through estimator of Git Re-Basin (Ainsworth et al., ICLR 2023
 
 - a free float copy ``W`` of B's weights starts at the aligned B;
 - each step projects ``W`` onto B's permutations (weight matching of B to ``W``,
-  warm-started from the last projection) and scores the blend
+  warm-started from the last projection) and scores a blend
   ``(1 - t) * A + t * P(B)`` on a batch, next-token loss;
 - the gradient is taken as if the blend used ``W`` itself (straight through the
   projection) and moves ``W`` with Adam.
 
+Which blends are trained is ``blend``, after the merges the alignment is for:
+
+``midpoint``   t = 0.5 for every tensor: the midpoint of the straight path, where
+               ``interpolate`` and ``bench align`` measure the barrier;
+``path``       one t drawn from [0, 1] each step: the whole straight path;
+``layerwise``  (default) one t per layer (and one for the embeddings, final norm and
+               head) drawn each step: the per-layer weightings a search explores.
+
 The answer is always a permutation of B (its outputs are unchanged). The start is
-scored on held-out batches, and so is the projection every ``check_every`` steps;
-the best one is kept, so refinement never returns a worse midpoint (on those
-batches) than the alignment it started from.
+scored at the midpoint on held-out batches, and so is the projection every
+``check_every`` steps; the best one is kept, so refinement never returns a worse
+midpoint (on those batches) than the alignment it started from.
 
 Memory: A, B, ``W``, its gradient and Adam's two moments, all float32: six copies of
 the model. Time: a forward and backward pass of the model and one weight-matching
@@ -49,11 +57,32 @@ from torch.func import functional_call
 from evomerge.align.data import Batch, split_batches
 from evomerge.align.lm_loss import next_token_targets
 from evomerge.align.matching import match_permutations
-from evomerge.align.permutation import LlamaSpec, Permutations, apply_permutations
+from evomerge.align.permutation import LlamaSpec, Permutations, apply_permutations, tensor_role
 
 State = Mapping[str, torch.Tensor]
 DEFAULT_STEPS = 500
 DEFAULT_LR = 3e-3
+BLENDS = ("midpoint", "path", "layerwise")
+
+
+def blend_weights(names: Sequence[str], blend: str, generator: torch.Generator) -> dict[str, float]:
+    """Each tensor's t for one step of ``blend`` (see the module docstring).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"]
+    >>> set(blend_weights(names, "midpoint", g).values()), len(set(blend_weights(names, "path", g).values()))
+    ({0.5}, 1)
+    >>> t = blend_weights(names, "layerwise", g)
+    >>> t[names[1]] == t[names[2]], len(set(t.values()))       # one t per layer, another for the embeddings
+    (True, 3)
+    """
+    if blend == "midpoint":
+        return dict.fromkeys(names, 0.5)
+    if blend == "path":
+        return dict.fromkeys(names, float(torch.rand((), generator=generator)))
+    group = {n: tensor_role(n)[1] for n in names}  # layer index; None for the embeddings, final norm and head
+    ts = {g: float(torch.rand((), generator=generator)) for g in dict.fromkeys(group.values())}
+    return {n: ts[group[n]] for n in names}
 
 
 @dataclass
@@ -67,6 +96,7 @@ class RefineResult:
     best_step: int  # 0 when no step beat the start
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss) at each check
     seconds: float = 0.0
+    blend: str = "layerwise"
 
     def summary(self) -> dict:
         return {
@@ -74,6 +104,7 @@ class RefineResult:
             "start_loss": round(self.start_loss, 6),
             "best_loss": round(self.best_loss, 6),
             "best_step": self.best_step,
+            "blend": self.blend,
             "seconds": round(self.seconds, 3),
         }
 
@@ -88,12 +119,12 @@ def refine_permutations(
     *,
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
-    t: float = 0.5,
+    blend: str = "layerwise",
     check_every: int = 50,
     seed: int = 0,
     log: Optional[Callable[[str], None]] = None,
 ) -> RefineResult:
-    """Refine ``start`` (B's permutations into A's order) so that the blend at ``t`` has low loss.
+    """Refine ``start`` (B's permutations into A's order) so that ``blend`` merges have low loss.
 
     ``model`` is any module of the pair's architecture (its own weights are not used
     or changed); ``batches`` are token batches (``labels`` of -100 leave a position
@@ -103,6 +134,8 @@ def refine_permutations(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not batches:
         raise ValueError("no batches to refine on")
+    if blend not in BLENDS:
+        raise ValueError(f"unknown blend {blend!r} (known: {', '.join(BLENDS)})")
     begin = time.perf_counter()
     fit, held = split_batches(list(batches))
     names = [n for n, _ in model.named_parameters()]  # a tied head appears once, as the embedding
@@ -122,13 +155,14 @@ def refine_permutations(
 
     @torch.no_grad()
     def held_loss(state: State) -> float:
-        params = {n: torch.lerp(a32[n], state[n], t) for n in names}
+        params = {n: torch.lerp(a32[n], state[n], 0.5) for n in names}
         return sum(float(loss_of(params, bt)) for bt in held) / len(held)
 
     best_loss = start_loss = held_loss(projected)
     best, best_step = copy.deepcopy(perms), 0
     history = [(0, start_loss)]
-    order = torch.Generator().manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)  # batch order
+    draw = torch.Generator().manual_seed(seed + 1)  # blend weights
     queue: list[int] = []
     try:
         for step in range(1, steps + 1):
@@ -136,7 +170,8 @@ def refine_permutations(
                 queue = torch.randperm(len(fit), generator=order).tolist()
             batch = fit[queue.pop()]
             # straight through: the forward pass uses the projection, the gradient reaches W
-            params = {n: torch.lerp(a32[n], free[n] + (projected[n] - free[n]).detach(), t) for n in names}
+            ts = blend_weights(names, blend, draw)
+            params = {n: torch.lerp(a32[n], free[n] + (projected[n] - free[n]).detach(), ts[n]) for n in names}
             loss = loss_of(params, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -155,4 +190,4 @@ def refine_permutations(
                     log(f"refine step {step}/{steps}: held-out loss of the blend {value:.4g} (start {start_loss:.4g}, best {best_loss:.4g})")
     finally:
         model.train(was_training)
-    return RefineResult(best, steps, start_loss, best_loss, best_step, history, time.perf_counter() - begin)
+    return RefineResult(best, steps, start_loss, best_loss, best_step, history, time.perf_counter() - begin, blend)

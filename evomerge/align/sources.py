@@ -7,7 +7,8 @@ A run config may say::
       models: [zoo/base, zoo/base_alt]
       align: {method: mudsc, data: zoo/data/add/validation.jsonl, to: base}
 
-(``refine: STEPS`` adds learned refinement of each alignment, see :mod:`evomerge.align.refine`.)
+(``refine: STEPS`` adds learned refinement of each alignment, ``refine_blend`` says for
+which merges, see :mod:`evomerge.align.refine`.)
 
 :func:`align_run_sources` writes every source but the reference (the base, or the
 first model with ``to: first``), aligned to the reference, into ``out_dir`` and
@@ -34,10 +35,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from evomerge.align.api import ALIGNMENT_FILE, align_folder, alphas_to_try, check_refine
-from evomerge.align.refine import DEFAULT_LR
+from evomerge.align.refine import BLENDS
 from evomerge.errors import ConfigError
 
-ALIGN_KEYS = ("method", "alpha", "data", "to", "refine", "originals")
+ALIGN_KEYS = ("method", "alpha", "data", "to", "refine", "refine_blend", "originals")
 
 
 def align_request(spec: dict[str, Any], where: str = "sources.align") -> dict[str, Any]:
@@ -54,11 +55,13 @@ def align_request(spec: dict[str, Any], where: str = "sources.align") -> dict[st
         raise ConfigError(f"{where}: {exc}") from None
     if any(a < 1.0 for a in tried) and not req["data"]:
         raise ConfigError(f"{where}.data: method {req['method']} needs data for activation statistics (an evaluator preset or a .jsonl/text file)")
-    req["refine"] = spec.get("refine", 0)
+    req["refine"], req["refine_blend"] = spec.get("refine", 0), spec.get("refine_blend", "layerwise")
     try:
-        check_refine(req["refine"], DEFAULT_LR)
+        check_refine(req["refine"])
     except ConfigError as exc:
         raise ConfigError(f"{where}.refine: {exc}") from None
+    if req["refine_blend"] not in BLENDS:
+        raise ConfigError(f"{where}.refine_blend: unknown refinement blend {req['refine_blend']!r} (known: {', '.join(BLENDS)})")
     if req["refine"] and not req["data"]:
         raise ConfigError(f"{where}.data: refinement needs data to score the merged model on (an evaluator preset or a .jsonl/text file)")
     return req
@@ -95,19 +98,19 @@ def align_run_sources(sources: dict[str, Any], out_dir: Path, *, base_dir: Optio
         folder = (Path(out_dir) / _folder_name(ref, used)).absolute()
         request = {"reference": reference, "model": ref, **{k: req[k] for k in ("method", "alpha", "data")}}
         if req["refine"]:  # only then: folders aligned before refinement existed still answer their request
-            request["refine"] = req["refine"]
+            request.update(refine=req["refine"], refine_blend=req["refine_blend"])
         if not _answers(folder, request):
             if progress:
                 # stderr: stdout may be the JSON summary of `evomerge search --json`
-                how = req["method"] + (f" + refine {req['refine']}" if req["refine"] else "")
+                how = req["method"] + (f" + refine {req['refine']} ({req['refine_blend']})" if req["refine"] else "")
                 print(f"aligning {ref} to {reference} ({how}) -> {folder}", file=sys.stderr, flush=True)
-            align_folder(reference, ref, folder, method=req["method"], alpha=req["alpha"], data=data, overwrite=True, request=request, refine=req["refine"])
+            align_folder(reference, ref, folder, method=req["method"], alpha=req["alpha"], data=data, overwrite=True, request=request, refine=req["refine"], refine_blend=req["refine_blend"])
         renamed[ref] = str(folder)
         originals[str(folder)] = ref
     out["models"] = [renamed.get(m, m) for m in models]
     if base:
         out["base_model"] = renamed.get(base, base)
-    out["align"] = dict(spec, **{k: req[k] for k in ("method", "alpha", "to", "refine")}, originals=originals)
+    out["align"] = dict(spec, **{k: req[k] for k in ("method", "alpha", "to", "refine", "refine_blend")}, originals=originals)
     return out
 
 

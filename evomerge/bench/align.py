@@ -8,7 +8,7 @@ Two models from different random initializations (by default the zoo's ``base`` 
 - the midpoint after aligning B to A with ``weight``, ``activation`` and ``mudsc``
   at each alpha of the grid (0 and 1 included), and ``mudsc`` with alpha chosen on
   the validation split;
-- that last alignment after learned refinement (``refine`` steps, see
+- that last alignment after learned refinement (``refine`` steps on the midpoint, see
   :mod:`evomerge.align.refine`), trained on the rest of the validation split.
 
 For every metric the *midpoint barrier* is the drop below the endpoints' mean (in
@@ -205,7 +205,8 @@ def bench_align(
     mudsc_row = rows[-1]
     if refine:
         chosen_alpha = mudsc_row["alpha"]
-        res = align_models(ea, eb, method="mudsc", alpha=chosen_alpha, data=refine_data, tokenizer=tok, activations=act, refine=refine, log=log)
+        # trained on the midpoint: the merge this table measures (searches refine layerwise)
+        res = align_models(ea, eb, method="mudsc", alpha=chosen_alpha, data=refine_data, tokenizer=tok, activations=act, refine=refine, refine_blend="midpoint", log=log)
         extra = {"method": "mudsc", "alpha": res.alpha, "refine": res.refine, "align_seconds": round(res.seconds, 3)}
         rows.append(path_row(f"mudsc (alpha={chosen_alpha:g}) + refine {refine}", res.state_dict, extra))
     unaligned = unaligned_row["midpoint_barrier"][primary]
@@ -469,7 +470,8 @@ def bench_align_search(
     trials, serial) run once per seed; the aligned one adds
     ``sources.align: {method, data, to: first}`` (activation data: the skills'
     validation prompts with answers). ``refine`` > 0 adds a third search per seed
-    whose alignment is refined for that many steps on the same data. Reported: the
+    whose alignment is refined for that many steps on the same data (``layerwise``
+    blends: the weightings such a search makes). Reported: the
     test accuracy of the member best on validation, for each search and seed, their
     mean over seeds, and the endpoints.
     """
