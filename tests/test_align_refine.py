@@ -58,6 +58,9 @@ def test_a_step_that_moves_nothing_keeps_the_start(permuted_pair) -> None:
     assert [s for s, _ in res.history] == [0, 2, 4, 6]
     with pytest.raises(ValueError, match="no batches"):
         refine_permutations(spec, ea.scratch(), ea.state, eb.state, start, [], steps=1)
+    masked = [dict(bt, labels=torch.full_like(bt["input_ids"], -100)) for bt in batches]
+    with pytest.raises(ValueError, match="no tokens to score"):
+        refine_permutations(spec, ea.scratch(), ea.state, eb.state, start, masked, steps=1)
 
 
 def test_cli_align_refine_records_it_and_keeps_the_function(permuted_pair, tmp_path: Path, capsys) -> None:

@@ -136,11 +136,14 @@ def refine_permutations(
         raise ValueError("no batches to refine on")
     if blend not in BLENDS:
         raise ValueError(f"unknown blend {blend!r} (known: {', '.join(BLENDS)})")
+    batches = [bt for bt in batches if next_token_targets(bt)[1].any()]  # a batch with no token to score has no loss
+    if not batches:
+        raise ValueError("no tokens to score in the batches (every position is masked out)")
     begin = time.perf_counter()
-    fit, held = split_batches(list(batches))
+    fit, held = split_batches(batches)
     names = [n for n, _ in model.named_parameters()]  # a tied head appears once, as the embedding
     a32 = {n: a[n].float() for n in names}
-    b32 = {n: t_.float() for n, t_ in b.items()}
+    b32 = {n: x.float() for n, x in b.items()}
     perms = copy.deepcopy(start)
     projected = apply_permutations(b32, spec, perms)
     free = {n: projected[n].clone().requires_grad_(True) for n in names}
@@ -187,7 +190,7 @@ def refine_permutations(
                 if value < best_loss:
                     best_loss, best, best_step = value, copy.deepcopy(perms), step
                 if log is not None:
-                    log(f"refine step {step}/{steps}: held-out loss of the blend {value:.4g} (start {start_loss:.4g}, best {best_loss:.4g})")
+                    log(f"refine step {step}/{steps}: held-out midpoint loss {value:.4g} (start {start_loss:.4g}, best {best_loss:.4g})")
     finally:
         model.train(was_training)
     return RefineResult(best, steps, start_loss, best_loss, best_step, history, time.perf_counter() - begin, blend)
