@@ -174,7 +174,11 @@ class SearchRun:
         try:
             study = optuna.load_study(study_name=self.name, storage=self.storage())
         except KeyError:
-            raise ConfigError(f"{self.run_dir}: the storage holds no study named {self.name!r}") from None
+            if not self.storage_url:  # its own journal: stopped after the folder was made, before the first trial
+                return  # nothing to match; a resume starts the search
+            raise ConfigError(
+                f"{self.run_dir}: storage {self.storage_url} holds no study named {self.name!r} (another database than the run's?)"
+            ) from None
         dists = self.space.distributions()
         for t in study.get_trials(deepcopy=False):
             for name, dist in t.distributions.items():

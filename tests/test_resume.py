@@ -202,6 +202,18 @@ def test_resume_refuses_with_one_line(family, tmp_path, monkeypatch, capsys, mak
     assert message in err and err.count("\n") == 1
 
 
+def test_a_run_stopped_before_its_first_trial_resumes(family, tmp_path, capsys):
+    """Killed after its folder was made, before the study was: search points to resume, so resume must run it."""
+    run = SearchRun.create(write_config(family, tmp_path / "n.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
+    assert "n" not in optuna.get_all_study_names(run.storage())  # the study is made by the first session
+    assert main(["status", str(run.run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_complete"] == 0
+    assert main(["search", str(tmp_path / "n.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert f"continue it with: evomerge resume {run.run_dir}" in capsys.readouterr().err
+    assert main(["resume", str(run.run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_complete"] == 2
+
+
 def test_resume_below_the_trials_done_says_that_trials_is_a_total(family, tmp_path, capsys, monkeypatch):
     run = SearchRun.create(write_config(family, tmp_path / "t.yaml", budget={"trials": 3}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
