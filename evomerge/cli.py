@@ -561,7 +561,7 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, help="mudsc balance between weight (1) and activation (0) similarity")
     p.add_argument("--alphas", default=None, help="comma-separated alphas tried when --alpha is not given (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--data", help="activation data: an evaluator preset or a .jsonl/.json/text file")
-    _add_refine_flags(p, "then refine the permutations for this many steps so that the midpoint merge has low loss on --data (learned, slower; default: 0, none)")
+    _add_refine_flags(p, "then refine the permutations for this many steps so that merges of the two models have low loss on --data (learned, slower; default: 0, none)")
     p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
