@@ -139,6 +139,17 @@ def test_align_recovers_a_known_permutation_exactly(permuted_pair, tmp_path: Pat
         assert (out / f).is_file()
 
 
+def test_a_llama_with_attention_biases_is_aligned(tmp_path: Path) -> None:
+    """Llama's attention_bias puts a bias on o_proj too (Qwen2's does not): it is part of the layout."""
+    a = _model(4, 1, True, True)
+    assert "model.layers.0.self_attn.o_proj.bias" in a.state_dict()
+    spec = LlamaSpec.from_config(a.config.to_dict())
+    b = _scratch(a)
+    b.load_state_dict(apply_permutations(a.state_dict(), spec, random_permutations(spec, torch.Generator().manual_seed(3))))
+    state = align_models(a, b, method="weight").state_dict
+    assert all(state[n].equal(t) for n, t in a.state_dict().items())
+
+
 def test_alignment_keeps_the_models_function(tmp_path: Path) -> None:
     """Two unrelated models: B aligned to A computes exactly what B computed."""
     a, b = _model(4, 2, False, False, seed=1), _model(4, 2, False, False, seed=2)

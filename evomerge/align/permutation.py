@@ -160,6 +160,8 @@ class LlamaSpec:
             )
             if self.attention_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)})
+                if self.model_type == "llama":  # Llama's attention_bias covers o_proj too; Qwen2's q/k/v biases do not
+                    shapes[p + "self_attn.o_proj.bias"] = (h,)
             if self.mlp_bias:
                 shapes.update({p + "mlp.gate_proj.bias": (i,), p + "mlp.up_proj.bias": (i,), p + "mlp.down_proj.bias": (h,)})
         shapes["model.norm.weight"] = (h,)
