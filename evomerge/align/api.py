@@ -9,10 +9,11 @@ Methods:
                 midpoint merge ``(A + aligned B) / 2`` scores best on validation is kept
                 (validation: the given evaluator, else next-token loss on held-out batches).
 
-``refine=N`` then refines any method's permutations for N steps so that the midpoint
-itself has low next-token loss on the data (:mod:`evomerge.align.refine`, Git
-Re-Basin's straight-through estimator): slower, but where the similarities find no
-unit-to-unit match (independently trained models), it finds permutations that they miss.
+``refine=N`` then refines any method's permutations for N steps so that merges of the
+two models (``refine_blend``: the midpoint, the straight path or per-layer weightings)
+have low next-token loss on the data (:mod:`evomerge.align.refine`, Git Re-Basin's
+straight-through estimator): slower, but where the similarities find no unit-to-unit
+match (independently trained models), it finds permutations that they miss.
 
 Example:
     >>> import torch, transformers
@@ -188,6 +189,11 @@ def check_refine(steps: Any, lr: Any = DEFAULT_LR, blend: Any = "layerwise") -> 
         raise ConfigError(f"refine takes a whole number of steps (0: none), got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"the refinement learning rate must be a positive number, got {lr!r}")
+    check_blend(blend)
+
+
+def check_blend(blend: Any) -> None:
+    """ConfigError unless ``blend`` names one of the refinement blends."""
     if blend not in BLENDS:
         raise ConfigError(f"unknown refinement blend {blend!r} (known: {', '.join(BLENDS)})")
 

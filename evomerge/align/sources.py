@@ -34,8 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.align.api import ALIGNMENT_FILE, align_folder, alphas_to_try, check_refine
-from evomerge.align.refine import BLENDS
+from evomerge.align.api import ALIGNMENT_FILE, align_folder, alphas_to_try, check_blend, check_refine
 from evomerge.errors import ConfigError
 
 ALIGN_KEYS = ("method", "alpha", "data", "to", "refine", "refine_blend", "originals")
@@ -56,12 +55,11 @@ def align_request(spec: dict[str, Any], where: str = "sources.align") -> dict[st
     if any(a < 1.0 for a in tried) and not req["data"]:
         raise ConfigError(f"{where}.data: method {req['method']} needs data for activation statistics (an evaluator preset or a .jsonl/text file)")
     req["refine"], req["refine_blend"] = spec.get("refine", 0), spec.get("refine_blend", "layerwise")
-    try:
-        check_refine(req["refine"])
-    except ConfigError as exc:
-        raise ConfigError(f"{where}.refine: {exc}") from None
-    if req["refine_blend"] not in BLENDS:
-        raise ConfigError(f"{where}.refine_blend: unknown refinement blend {req['refine_blend']!r} (known: {', '.join(BLENDS)})")
+    for key, check in (("refine", check_refine), ("refine_blend", check_blend)):
+        try:
+            check(req[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.{key}: {exc}") from None
     if req["refine"] and not req["data"]:
         raise ConfigError(f"{where}.data: refinement needs data to score the merged model on (an evaluator preset or a .jsonl/text file)")
     return req
