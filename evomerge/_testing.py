@@ -121,13 +121,19 @@ def write_family(
 
 
 def config_for_params(n_params: float, *, vocab: int = 32000) -> dict:
-    """A Llama config of roughly ``n_params`` parameters (for benchmarks)."""
-    hidden = 768
-    inter = 2048
+    """A Llama config of roughly ``n_params`` parameters (for benchmarks).
+
+    Hidden size 768 and more layers for larger models; below about 100M parameters the
+    width, intermediate size and vocabulary shrink so that a model keeps a few layers.
+    """
+    hidden, inter = 768, 2048
+    while hidden > 64 and n_params < 2 * vocab * hidden + 4 * (4 * hidden * hidden + 3 * hidden * inter):
+        hidden, inter, vocab = hidden // 2, inter // 2, max(256, vocab // 2)
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     fixed = 2 * vocab * hidden + hidden
     layers = max(1, round((n_params - fixed) / per_layer))
-    return llama_config(hidden=hidden, layers=layers, intermediate=inter, vocab=vocab, heads=12, kv_heads=12)
+    heads = max(1, hidden // 64)
+    return llama_config(hidden=hidden, layers=layers, intermediate=inter, vocab=vocab, heads=heads, kv_heads=heads)
 
 
 def write_char_tokenizer(folder: Path, vocab_size: int) -> None:

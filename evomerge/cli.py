@@ -358,17 +358,40 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "merge",
         help="time merge_into per method against the memory-traffic floor",
         description="Time MergeEngine.merge_into for each merge method on a synthetic "
-        "Llama model with 3 fine-tuned sources, next to the time to copy the bytes the "
-        "merge must read and write (the floor). Prints seconds, floor and ratio.",
+        "Llama model with 3 fine-tuned sources, float32 and bfloat16, next to the time to copy "
+        "the bytes the merge must read and write (the floor): a new candidate per merge, the same "
+        "recipe again, and a fresh process's first merge with the compile cache cold and warm.",
     )
     m.add_argument("--params", type=float, default=110e6, help="model size in parameters (default: 1.1e8)")
     m.add_argument("--sources", type=int, default=3, help="fine-tuned sources besides the base (default: 3)")
     m.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the median is kept (default: 3)")
     m.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
+    m.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the sources and the live model (default: float32,bfloat16)")
+    m.add_argument("--no-first-merge", action="store_true", help="skip the fresh-process first merges (cold and warm compile cache)")
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     m.add_argument("--workdir", type=Path, default=None, help="where to build the models (default: a temp folder)")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(handler=_run_bench_merge)
+
+    sc = bsub.add_parser(
+        "scale",
+        help="memory, disk and time per parameter of merging, and a prediction for a real model",
+        description="Per method and number of fine-tunes, a fresh process merges candidates of a bfloat16 "
+        "family into a bfloat16 live model and reports its private memory beyond the live model, device "
+        "memory (CUDA), bytes written to disk, first and later merge time against the memory floor; a line "
+        "through the sizes gives bytes per parameter. --config predicts a real model's merge on a GPU "
+        "(examples/configs/ holds Llama-3.1-8B and -70B).",
+    )
+    sc.add_argument("--params", default="1e8,3e8", help="family sizes, comma-separated (default: 1e8,3e8)")
+    sc.add_argument("--sources", default="2,4", help="fine-tunes besides the base, comma-separated (default: 2,4)")
+    sc.add_argument("--methods", default=None, help="comma-separated methods (default: linear, task_arithmetic, ties, dare_ties, breadcrumbs, della, slerp, model_stock)")
+    sc.add_argument("--config", action="append", default=[], type=Path, metavar="CONFIG_JSON", help="predict for this model config (repeatable)")
+    sc.add_argument("--device", default="cpu", help="where to merge: cpu or cuda (default: cpu)")
+    sc.add_argument("--device-memory", default="80GB", help="GPU size of the prediction (default: 80GB)")
+    sc.add_argument("--threads", type=int, default=None, help="torch threads per probe (default: all cores)")
+    sc.add_argument("--workdir", type=Path, default=None, help="where the families go (default: a temp folder)")
+    sc.add_argument("--json", action="store_true", help="print JSON")
+    sc.set_defaults(handler=_run_bench_scale)
 
     al = bsub.add_parser(
         "align",
@@ -509,13 +532,33 @@ def _run_bench_merge(args: argparse.Namespace) -> int:
         n_sources=args.sources,
         repeats=args.repeats,
         methods=methods,
+        dtypes=_names(args.dtypes),
+        threads=args.threads,
+        workdir=args.workdir,
+        first_merge=not args.no_first_merge,
+        progress=not args.json,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+
+def _run_bench_scale(args: argparse.Namespace) -> int:
+    from evomerge.bench.scale import bench_scale, format_table
+
+    result = bench_scale(
+        params=tuple(_floats(args.params, "--params")),
+        sources=tuple(_ints(args.sources, "--sources")),
+        methods=_names(args.methods) if args.methods else None,
+        configs=tuple(args.config),
+        device=args.device,
+        device_memory=args.device_memory,
         threads=args.threads,
         workdir=args.workdir,
         progress=not args.json,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
-
 
 
 def _run_bench_align(args: argparse.Namespace) -> int:

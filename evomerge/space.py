@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge._presets import resolve_preset
 from evomerge.errors import ConfigError, validation_message
-from evomerge.merge import methods as M
+from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Recipe
 
 _GRANULARITY = re.compile(r"^(global|layer|block:(\d+))$")
@@ -129,7 +129,7 @@ class SearchSpace:
     ):
         self.config = config
         self.where = where
-        self.method = M.get_method(config.merge_method, where=f"{where}: merge_method")
+        self.method = get_method(config.merge_method, where=f"{where}: merge_method")
         self.base_model = base_model
         self.models = list(models)
         self.num_layers = num_layers
@@ -159,7 +159,7 @@ class SearchSpace:
         where = self.where
         known = {p.name for p in self.method.params}
         inputs = self._inputs()
-        if self.method.kind == "task_vectors" and self.base_model is None:
+        if self.method.base == "required" and self.base_model is None:
             raise ConfigError(f"{where}: {self.method.name} needs a base_model among the sources")
         if not inputs:
             raise ConfigError(f"{where}: {self.method.name} has no models to merge")
@@ -187,9 +187,7 @@ class SearchSpace:
 
     def _inputs(self) -> list[str]:
         """Models that take per-model parameters, in recipe order."""
-        if self.method.kind in ("linear", "passthrough"):
-            return list(self.models) + ([self.base_model] if self.base_model and self.base_model not in self.models else [])
-        return [m for m in self.models if m != self.base_model]
+        return self.method.search_inputs(self.models, self.base_model)
 
     def _granularity(self, p: SearchedParameter) -> str:
         return p.granularity or self.config.granularity

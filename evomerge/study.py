@@ -286,15 +286,7 @@ class SearchRun:
             device=self.config.device,
             dtype=self.config.dtype,
             threads=threads,
-            cache_dir=str(self.run_dir / "cache"),
         )
-
-    def prepare_cache(self, progress: bool = False) -> None:
-        """Task vectors and statistics computed once, in files every worker maps."""
-        from evomerge.merge.engine import MergeEngine
-
-        recipe = self.space.to_recipe(self.space.center(), random_seed=self.config.seed, dtype=self.config.dtype)
-        MergeEngine(self.sources, cache_dir=self.run_dir / "cache").prepare(recipe, progress=progress)
 
     # ------------------------------------------------------------------ study
     def storage(self) -> Any:
@@ -355,7 +347,6 @@ class SearchRun:
         self.optimizer.restore(study)  # continues a resumed run; a no-op on a fresh study
         self._enqueue_baselines(study)
         own_executor = executor is None
-        self.prepare_cache(progress=progress)
         if executor is None:
             ex = self.config.executor
             options = ex.ray_options() if ex.kind == "ray" else {}

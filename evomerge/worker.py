@@ -45,7 +45,6 @@ class WorkerSpec:
     dtype: str = "float32"  # of the live model
     threads: Optional[int] = None
     base_dir: Optional[str] = None
-    cache_dir: Optional[str] = None  # prepared task vectors shared by the workers of a node
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class Worker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         base_dir = Path(spec.base_dir) if spec.base_dir else None
         sources = [SourceModel.open(m, allow_pickle=spec.allow_pickle, base_dir=base_dir) for m in spec.models]
-        self.engine = MergeEngine(sources, device=spec.device, cache_dir=Path(spec.cache_dir) if spec.cache_dir else None)
+        self.engine = MergeEngine(sources, device=spec.device)
         ref = sources[0]
         # The live model is loaded once; every candidate is merged into it in place.
         self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, spec.dtype)).to(spec.device)

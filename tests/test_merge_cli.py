@@ -167,15 +167,15 @@ def test_interrupted_write_leaves_nothing(family, tmp_path, monkeypatch):
     recipe = Recipe.from_yaml(TIES.format(root=family, density=0.5))
     engine = MergeEngine.from_recipe(recipe)
     calls = {"n": 0}
-    real = engine.merged_tensor
+    real = engine._merge_tensor
 
-    def flaky(r, plan):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 10:
             raise KeyboardInterrupt
-        return real(r, plan)
+        return real(*args)
 
-    monkeypatch.setattr(engine, "merged_tensor", flaky)
+    monkeypatch.setattr(engine, "_merge_tensor", flaky)
     with pytest.raises(KeyboardInterrupt):
         engine.write(recipe, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -281,17 +281,20 @@ def test_a_hub_id_that_cannot_be_downloaded_says_why(name, words, family, tmp_pa
 
 def test_bench_merge_has_a_valid_recipe_for_every_method():
     """`bench merge --methods M` works for every registered method (passthrough took 3 models)."""
-    from evomerge.bench.merge import bench_recipe, traffic_units
+    from evomerge.bench.merge import example_recipe
     from evomerge.merge.methods import METHODS
 
     for name in METHODS:
-        recipe = bench_recipe(name, "base", ["ft0", "ft1", "ft2"])
-        assert recipe.merge_method == name and traffic_units(name, 3) >= 2
+        recipe = example_recipe(name, "base", ["ft0", "ft1", "ft2"])
+        again = example_recipe(name, "base", ["ft0", "ft1", "ft2"], variant=1)
+        assert recipe.merge_method == name and METHODS[name].traffic(3) >= 2
+        assert recipe.to_dict() != again.to_dict() or name in ("model_stock", "passthrough")  # a new candidate
 
 
 def test_bench_merge_makes_its_workdir_and_leaves_it_empty(tmp_path, capsys):
     workdir = tmp_path / "new" / "deeper"  # did not exist: a FileNotFoundError traceback
-    assert main(["bench", "merge", "--params", "200000", "--methods", "linear", "--repeats", "1", "--workdir", str(workdir), "--json"]) == 0
+    argv = ["bench", "merge", "--params", "200000", "--methods", "linear", "--repeats", "1", "--workdir", str(workdir), "--json"]
+    assert main(argv + ["--dtypes", "bfloat16", "--no-first-merge"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert [m["method"] for m in result["methods"]] == ["linear"] and result["methods"][0]["ratio"] > 0
+    assert [(m["method"], m["dtype"]) for m in result["methods"]] == [("linear", "bfloat16")] and result["methods"][0]["ratio"] > 0
     assert workdir.is_dir() and list(workdir.iterdir()) == []  # the synthetic family was a temp folder inside it

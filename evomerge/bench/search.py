@@ -248,7 +248,6 @@ def _measure(cfg: Path, workdir: Path, kind: str, k: int, cpus: float, progress:
     if progress:
         print(f"bench search: {label} ...", flush=True)
     run = SearchRun.create(cfg, runs_dir=workdir / "runs" / _STAMP, name=name or label.replace(" ", ""))
-    run.prepare_cache()
     threads = max(1, int(cpus))
     spec = run.worker_spec(threads=threads)
     t0 = time.perf_counter()

@@ -3,10 +3,10 @@
 Each actor is a :class:`~evomerge.worker.Worker` (the very code the serial executor
 runs in process): it opens the sources once, loads the live model and builds its
 evaluators once, then for every job merges the recipe into that model in place and
-scores it. Source weights and the run's prepared task vectors are safetensors files
-that every actor maps read-only (``WorkerSpec.cache_dir``), so the actors of a node
-share one copy of them in the page cache: a worker added to a search costs about one
-merged model of memory (its live model), not a copy of every source. The driver stays
+scores it. Source weights are safetensors files that every actor maps read-only, so
+the actors of a node share one copy of them in the page cache, and the merge engine
+keeps no task vectors: a worker added to a search costs about one merged model of
+memory (its live model) and a small workspace, not a copy of every source. The driver stays
 the only process that talks to the Optuna storage; only the recipe travels to actors.
 
 Scheduling

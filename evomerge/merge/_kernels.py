@@ -1,12 +1,15 @@
-"""Fused element-wise kernels for large tensors.
+"""Running a merge kernel on a chunk: compiled and fused on the CPU, eager elsewhere.
 
-Merging is memory-bound: run eagerly, TIES makes a dozen passes over every tensor.
-``torch.compile`` fuses the same pure functions from :mod:`evomerge.merge.methods`
-into one pass, which brings large tensors to within a small factor of the time to
-copy their bytes. Small tensors stay eager (compiling them costs more than it saves),
-and if compilation is unavailable (no C++ compiler, an unsupported platform) the
-eager path is used with a one-time warning. ``EVOMERGE_COMPILE=0`` turns it off,
-``=1`` forces it for every tensor.
+Merging is memory-bound: run eagerly, TIES makes a dozen passes over every chunk.
+On the CPU ``torch.compile`` fuses a method's kernel (a pure function of the chunk's
+source tensors) into one pass. Inductor keeps what it compiled in its on-disk cache
+(``TORCHINDUCTOR_CACHE_DIR``; evomerge points it at ``~/.cache/evomerge/inductor``
+unless it is set), so the compilation is paid once per machine, not by every worker of
+every run. On a GPU eager kernels already run at memory bandwidth, far below the cost
+of evaluating a candidate, so nothing is compiled there. Small chunks stay eager
+(compiling them costs more than it saves), and if compilation is unavailable (no C++
+compiler, an unsupported platform) the eager path is used with a one-time warning.
+``EVOMERGE_COMPILE=0`` turns compilation off, ``=1`` forces it for every chunk.
 
 Each static configuration (sparsification kind, consensus, normalize, number of
 sources) is one compiled variant of the same function. Dynamo gives up after 8
@@ -19,111 +22,75 @@ from __future__ import annotations
 import os
 import warnings
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from evomerge.merge import methods as M
-
 COMPILE_MIN_NUMEL = 1 << 16
 RECOMPILE_LIMIT = 64  # variants per kernel: every method and source count a process merges with
 _BACKEND = "inductor"  # tests swap in a counting backend
-_SPARSIFY_KINDS = (None, "magnitude", "outliers", "random", "della")
 
 
-def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Keep mask from per-tensor statistics, written so torch.compile can fuse it.
-
-    magnitude: aux = (threshold,); outliers: (low, high); random: (draws, cut);
-    della: (draws, rank_norm, low_prob, span). Draws are uint8 pairs (high, low byte)
-    of a uniform 16-bit integer: inductor vectorizes uint8 -> float32 but not int16.
-    A keep-all setting is expressed by thresholds (-inf, cut 65536) rather than by
-    branching, so one compiled kernel serves every density.
-    """
-    if kind is None:
-        return None
-    if kind == "magnitude":
-        return d.abs() >= aux[0]
-    if kind == "outliers":
-        a = d.abs()
-        return (a >= aux[0]) & (a <= aux[1])
-    if kind == "random":
-        return _draws(aux[0]) < aux[1]
-    if kind == "della":
-        u = (_draws(aux[0]) + 0.5) * (1.0 / M.UNIFORM_LEVELS)
-        return u < aux[2] + aux[1] * aux[3]
-    raise ValueError(kind)
-
-
-def _draws(pair: torch.Tensor) -> torch.Tensor:
-    """Uniform integers in [0, 65536) as float32 (exact) from a [2, ...] uint8 tensor."""
-    return pair[0].to(torch.float32) * 256.0 + pair[1].to(torch.float32)
-
-
-def task_vector_kernel(
-    base: torch.Tensor,
-    deltas: list[torch.Tensor],
-    aux: list[list[torch.Tensor]],
-    weights: list[torch.Tensor],
-    scales: Optional[list[torch.Tensor]],
-    lam: torch.Tensor,
-    kind: Optional[str],
-    consensus: bool,
-    normalize: bool,
-) -> torch.Tensor:
-    zero = torch.zeros((), dtype=base.dtype)
-    terms = []
-    for i, d in enumerate(deltas):
-        m = _mask(kind, d, aux[i])
-        x = d if m is None else torch.where(m, d, zero)
-        if scales is not None:
-            x = x * scales[i]
-        terms.append(x * weights[i])
-    return M.merge_terms(base, terms, weights, consensus=consensus, normalize=normalize, lam=lam)
-
-
-def masked_l1_kernel(deltas: list[torch.Tensor], aux: list[list[torch.Tensor]], kind: Optional[str]) -> torch.Tensor:
-    """L1 norms of every masked task vector of one tensor, in one fused pass."""
-    zero = torch.zeros((), dtype=deltas[0].dtype)
-    sums = []
-    for d, a in zip(deltas, aux):
-        m = _mask(kind, d, a)
-        mag = d.abs()
-        sums.append((mag if m is None else torch.where(m, mag, zero)).sum())
-    return torch.stack(sums)
-
-
-def linear_kernel(tensors: list[torch.Tensor], weights: list[torch.Tensor], total: torch.Tensor, normalize: bool) -> torch.Tensor:
+def weighted_sum_kernel(tensors: list[torch.Tensor], weights: list[torch.Tensor], total: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``sum(w * x)`` in float32, divided by ``total`` when ``normalize``."""
     result = tensors[0].to(torch.float32) * weights[0]
     for x, w in zip(tensors[1:], weights[1:]):
         result = result + x.to(torch.float32) * w
     return result / total if normalize else result
 
 
+def delta_sum_kernel(base: torch.Tensor, models: list[torch.Tensor], weights: list[torch.Tensor], base_weight: torch.Tensor) -> torch.Tensor:
+    """``sum(w * (model - base)) + base_weight * base`` in float32 (task vectors made on the fly)."""
+    b = base.to(torch.float32)
+    result = (models[0].to(torch.float32) - b) * weights[0]
+    for x, w in zip(models[1:], weights[1:]):
+        result = result + (x.to(torch.float32) - b) * w
+    return result + b * base_weight
+
+
+def pair_sums_kernel(a: torch.Tensor, b: torch.Tensor, minus: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[a.a, b.b, a.b]`` in float32 (float64 inputs stay float64), of ``a - minus`` and
+    ``b - minus`` when given."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    x, y = a.to(dtype), b.to(dtype)
+    if minus is not None:
+        m = minus.to(dtype)
+        x, y = x - m, y - m
+    return torch.stack([(x * x).sum(), (y * y).sum(), (x * y).sum()])
+
+
 def into(kernel: Callable[..., torch.Tensor]) -> Callable[..., None]:
-    """The kernel writing its result into ``out`` (fused by torch.compile into one pass,
-    with no temporary the size of the tensor)."""
+    """The kernel writing its result into ``out`` (cast to out's dtype; fused by
+    torch.compile into one pass, with no temporary the size of the chunk)."""
 
     def write(out: torch.Tensor, *args: Any) -> None:
         out.copy_(kernel(*args))
 
     write.__name__ = f"{kernel.__name__}_into"
+    write.__qualname__ = write.__name__
     return write
 
 
-task_vector_into = into(task_vector_kernel)
-linear_into = into(linear_kernel)
+weighted_sum_into = into(weighted_sum_kernel)
+delta_sum_into = into(delta_sum_kernel)
+
+
+def scalars(values: Sequence[float]) -> list[torch.Tensor]:
+    """0-d float32 tensors: a compiled kernel takes new values without recompiling."""
+    return [torch.tensor(float(v), dtype=torch.float32) for v in values]
 
 
 class Kernels:
     """Picks eager or compiled versions of the kernels for each call."""
 
-    def __init__(self, mode: Optional[bool] = None):
+    def __init__(self, mode: Optional[bool] = None, device: str = "cpu"):
         env = os.environ.get("EVOMERGE_COMPILE")
         if mode is None and env is not None:
             mode = {"0": False, "1": True}.get(env.strip(), None)
         self.force = mode is True
-        self.enabled = mode is not False
+        # a GPU runs eager kernels at memory bandwidth: compiling there costs more than it saves
+        self.enabled = mode is True or (mode is None and torch.device(device).type == "cpu")
         self._failed = False
 
     def _use_compiled(self, numel: int) -> bool:
@@ -133,6 +100,7 @@ class Kernels:
 
     def run(self, fn: Callable[..., Any], numel: int, *args: Any) -> Any:
         if self._use_compiled(numel):
+            _use_shared_cache()
             compiled = _compiled(fn, _BACKEND)
             try:
                 with _recompile_limit(RECOMPILE_LIMIT):
@@ -146,6 +114,14 @@ class Kernels:
 @lru_cache(maxsize=None)
 def _compiled(fn: Callable[..., Any], backend: Any) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=True, fullgraph=False, backend=backend)
+
+
+@lru_cache(maxsize=1)
+def _use_shared_cache() -> None:
+    """Inductor's on-disk cache in one place per user, shared by workers and runs
+    (unless the user chose a folder)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "evomerge" / "inductor")
 
 
 def _recompile_limit(n: int) -> Any:

@@ -1,0 +1,161 @@
+"""Exact order statistics of task-vector magnitudes without a sorted copy.
+
+TIES keeps the ``k`` entries of largest ``|delta|`` (mergekit sorts the whole tensor);
+Breadcrumbs keeps a band between two order statistics. Both need the exact k-th
+largest magnitude for any density a candidate asks. Keeping every tensor's sorted
+magnitudes would cost 4 bytes per parameter and source, so instead:
+
+1. once per (model, tensor), a histogram of the magnitudes over the top 16 bits of
+   their float32 pattern (a non-negative float's bits sort like the float, so the bins
+   are ordered; each spans 1/128 of an octave): a few kilobytes;
+2. per new rank, the histogram names the bin holding the k-th largest and its rank
+   inside the bin; one pass over the tensor counts the low 16 bits of the entries in
+   that bin (a 65536-bin histogram), which gives the exact 32-bit pattern.
+
+Memory stays a few chunks and two small histograms whatever the tensor size, and the
+answer is the value a full sort gives.
+
+Example:
+    >>> import torch
+    >>> x = torch.randn(10_000).abs()
+    >>> h = MagnitudeHistogram.of([x])
+    >>> b, r = h.locate(123)
+    >>> low = LowBits()
+    >>> low.add(x, b)   # (the engine passes only the entries in or near the bin)
+    >>> low.value(b, r) == float(torch.sort(x, descending=True).values[122])
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+HIGH_BINS = 1 << 15  # a non-negative float32's top 16 bits (sign bit 0)
+LOW_BINS = 1 << 16
+
+
+def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of non-negative float32 values (ordered like the values)."""
+    return magnitudes.contiguous().view(torch.int32)
+
+
+def bin_bounds(b: int) -> tuple[float, float]:
+    """[low, high) of the magnitudes in high bin ``b`` (high is +inf for the top bin)."""
+    edges = torch.tensor([b << 16, min((b + 1) << 16, 0x7F800000)], dtype=torch.int32).view(torch.float32)
+    low, high = float(edges[0]), float(edges[1])
+    return low, (float("inf") if (b + 1) << 16 >= 0x7F800000 else high)
+
+
+@dataclass
+class MagnitudeHistogram:
+    """How many magnitudes fall in each high bin, kept as counts from the top down."""
+
+    first: int  # lowest non-empty bin
+    above: torch.Tensor  # int64: above[j] = entries in bins >= first + j
+    n: int
+
+    @classmethod
+    def of(cls, chunks: Iterable[torch.Tensor]) -> "MagnitudeHistogram":
+        counts = torch.zeros(HIGH_BINS, dtype=torch.int64)
+        for magnitudes in chunks:
+            counts += histogram_chunk(magnitudes)
+        return cls.from_counts(counts)
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor) -> "MagnitudeHistogram":
+        n = int(counts.sum())
+        nonzero = torch.nonzero(counts).flatten()
+        if n == 0:
+            return cls(0, torch.zeros(1, dtype=torch.int64), 0)
+        first, last = int(nonzero[0]), int(nonzero[-1])
+        return cls(first, counts_above(counts[first : last + 1]), n)
+
+    def count_at_or_above(self, b: int) -> int:
+        j = b - self.first
+        if j <= 0:
+            return self.n
+        return int(self.above[j]) if j < len(self.above) else 0
+
+    def locate(self, rank: int) -> tuple[int, int]:
+        """(bin, rank inside the bin) of the ``rank``-th largest magnitude (1-based)."""
+        if not 1 <= rank <= self.n:
+            raise ValueError(f"rank {rank} outside 1..{self.n}")
+        # the highest bin whose count from the top reaches the rank
+        b = self.first + last_reaching(self.above, rank)
+        return b, rank - self.count_at_or_above(b + 1)
+
+
+def histogram_chunk(magnitudes: torch.Tensor) -> torch.Tensor:
+    """High-bin counts of one chunk of non-negative float32 magnitudes (on the CPU)."""
+    return count_bins(magnitude_bits(magnitudes) >> 16)
+
+
+def count_bins(bins: torch.Tensor) -> torch.Tensor:
+    """High-bin counts from the bins of a chunk's entries (int32), on the CPU."""
+    return torch.bincount(bins.flatten(), minlength=HIGH_BINS).cpu()
+
+
+def delta_stats_kernel(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """For each model's task vector on one chunk: its L1 norm (float64) and each entry's
+    high bin (int32), in one fused pass reading the base once."""
+    b = base.to(torch.float32)
+    sums, bins = [], []
+    for m in models:
+        a = (m.to(torch.float32) - b).abs()
+        sums.append(a.to(torch.float64).sum())
+        bins.append(a.view(torch.int32) >> 16)
+    return torch.stack(sums), bins
+
+
+def counts_above(counts: torch.Tensor) -> torch.Tensor:
+    """``above[j]`` = sum of ``counts[j:]`` (int64)."""
+    total = torch.cumsum(counts, 0)
+    return total[-1] - total + counts
+
+
+def last_reaching(above: torch.Tensor, rank: int) -> int:
+    """The last index whose count from the top is at least ``rank`` (``above`` non-increasing)."""
+    return int(torch.searchsorted(-above, torch.tensor([-rank]), right=True)[0]) - 1
+
+
+PACKED_MODELS = 24  # models per in-bin pass: bit i of a float32 flag (exact below 2**24)
+
+
+def in_bins_kernel(base: torch.Tensor, models: list[torch.Tensor], lows: list[list[torch.Tensor]], highs: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Whether each entry's ``|model - base|`` falls in one of that model's bins ([low,
+    high) float32 bounds), model ``i`` as bit ``i`` of one float32 flag per entry: one
+    fused pass reading the base once (inductor vectorizes float32 stores, not bool ones)."""
+    b = base.to(torch.float32)
+    flags = torch.zeros_like(b)
+    for i, (m, lo, hi) in enumerate(zip(models, lows, highs)):
+        a = (m.to(torch.float32) - b).abs()
+        inside = (a >= lo[0]) & (a < hi[0])
+        for low, high in zip(lo[1:], hi[1:]):
+            inside = inside | ((a >= low) & (a < high))
+        flags = flags + inside.to(torch.float32) * float(1 << i)
+    return flags
+
+
+class LowBits:
+    """Low-16-bit counts of the entries in some high bins, summed over chunks."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def add(self, magnitudes: torch.Tensor, *bins: int) -> None:
+        """Count the entries of ``magnitudes`` (float32, >= 0, few: those in or near the bins)."""
+        bits = magnitude_bits(magnitudes.flatten())
+        high = bits >> 16
+        for b in bins:
+            inside = bits[high == b] & 0xFFFF
+            if inside.numel():
+                found = torch.bincount(inside.to(torch.int64), minlength=LOW_BINS).cpu()
+                self.counts[b] = self.counts.get(b, 0) + found
+
+    def value(self, b: int, rank: int) -> float:
+        """The ``rank``-th largest magnitude inside bin ``b`` (1-based), exactly."""
+        low = last_reaching(counts_above(self.counts[b]), rank)
+        return float(torch.tensor([(b << 16) | low], dtype=torch.int32).view(torch.float32)[0])
