@@ -150,3 +150,46 @@ def write_char_tokenizer(folder: Path, vocab_size: int) -> None:
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
     fast.save_pretrained(str(folder))
+
+
+def write_lora_adapters(
+    out: Path,
+    base: Path,
+    n_adapters: int = 3,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj", "down_proj"),
+    materialize: bool = True,
+) -> tuple[list[Path], list[Path]]:
+    """PEFT LoRA adapters with random factors on ``base`` (``lora0..``), and, with
+    ``materialize``, each one merged into a full model folder (``full0..``): the same
+    fine-tunes two ways. Returns (adapter folders, full folders)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    gen = torch.Generator().manual_seed(seed)
+    adapters, fulls = [], []
+    for k in range(n_adapters):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * (0.05 if "lora_B" in name else 0.2))
+        folder = out / f"lora{k}"
+        peft_model.save_pretrained(str(folder))
+        adapters.append(folder)
+        if materialize:
+            merged = peft_model.merge_and_unload()
+            full = out / f"full{k}"
+            full.mkdir(parents=True, exist_ok=True)
+            state = {n: t.contiguous() for n, t in merged.state_dict().items()}
+            if merged.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file(state, str(full / "model.safetensors"), metadata={"format": "pt"})
+            (full / "config.json").write_text((Path(base) / "config.json").read_text())
+            fulls.append(full)
+    return adapters, fulls

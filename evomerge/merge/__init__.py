@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evomerge.merge.budget import MemoryBudget
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.recipe import Recipe
 
@@ -19,8 +20,13 @@ def merge(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    adapter: bool = False,
+    rank: int | None = None,
+    budget: MemoryBudget | None = None,
 ) -> dict[str, Any]:
-    """Merge the models a recipe names into a Hugging Face folder at ``out``.
+    """Merge the models a recipe names into a Hugging Face folder at ``out``, or, with
+    ``adapter``, into one PEFT LoRA adapter (exact for a linear merge of adapters; with
+    ``rank``, truncated by SVD, its error reported).
 
     Everything is checked (recipe, sources, output folder) before any tensor is
     merged; the folder appears complete or not at all.
@@ -37,5 +43,7 @@ def merge(
         recipe = Recipe.from_yaml(Path(recipe))
     check_output_folder(Path(out), overwrite)
     # No trust_remote_code is ever needed here: configs are read as JSON, weights as safetensors.
-    engine = MergeEngine.from_recipe(recipe, allow_pickle=allow_pickle, base_dir=base_dir, device=device)
+    engine = MergeEngine.from_recipe(recipe, allow_pickle=allow_pickle, base_dir=base_dir, device=device, budget=budget or MemoryBudget())
+    if adapter or rank is not None:
+        return engine.write_adapter(recipe, Path(out), rank=rank, overwrite=overwrite)
     return engine.write(recipe, Path(out), overwrite=overwrite, progress=progress)

@@ -140,22 +140,39 @@ def in_bins_kernel(base: torch.Tensor, models: list[torch.Tensor], lows: list[li
 
 
 class LowBits:
-    """Low-16-bit counts of the entries in some high bins, summed over chunks."""
+    """The low 16 bits of the entries in some high bins, gathered over chunks: kept as
+    values while few (a chunk adds a handful), folded into a 65536-bin count when many,
+    so memory stays bounded whatever the tensor size."""
 
     def __init__(self) -> None:
+        self.values: dict[int, list[torch.Tensor]] = {}
+        self.held: dict[int, int] = {}
         self.counts: dict[int, torch.Tensor] = {}
 
     def add(self, magnitudes: torch.Tensor, *bins: int) -> None:
-        """Count the entries of ``magnitudes`` (float32, >= 0, few: those in or near the bins)."""
+        """Keep the entries of ``magnitudes`` (float32, >= 0, few: those in or near the bins) in ``bins``."""
         bits = magnitude_bits(magnitudes.flatten())
         high = bits >> 16
         for b in bins:
-            inside = bits[high == b] & 0xFFFF
+            inside = (bits[high == b] & 0xFFFF).cpu()
             if inside.numel():
-                found = torch.bincount(inside.to(torch.int64), minlength=LOW_BINS).cpu()
-                self.counts[b] = self.counts.get(b, 0) + found
+                self.values.setdefault(b, []).append(inside)
+                self.held[b] = self.held.get(b, 0) + inside.numel()
+                if self.held[b] > LOW_BINS:
+                    self._fold(b)
+
+    def _fold(self, b: int) -> None:
+        pending = self.values.pop(b, [])
+        if pending:
+            self.counts[b] = self.counts.get(b, 0) + torch.bincount(torch.cat(pending).to(torch.int64), minlength=LOW_BINS)
+        self.held[b] = 0
 
     def value(self, b: int, rank: int) -> float:
         """The ``rank``-th largest magnitude inside bin ``b`` (1-based), exactly."""
-        low = last_reaching(counts_above(self.counts[b]), rank)
+        if b in self.counts:
+            self._fold(b)
+            low = last_reaching(counts_above(self.counts[b]), rank)
+        else:
+            values = torch.cat(self.values[b])
+            low = int(torch.sort(values, descending=True).values[rank - 1])
         return float(torch.tensor([(b << 16) | low], dtype=torch.int32).view(torch.float32)[0])

@@ -69,10 +69,11 @@ class MemoryBudget:
     host: Optional[int] = None
 
     @classmethod
-    def parse(cls, device: Any = None, host: Any = None, where: str = "memory") -> "MemoryBudget":
+    def parse(cls, device: Any = None, host: Any = None, *, labels: tuple[str, str] = ("memory.device", "memory.host")) -> "MemoryBudget":
+        """Sizes as given by a user (``60GB``); ``labels`` name them in errors."""
         return cls(
-            None if device is None else parse_bytes(device, f"{where}.device"),
-            None if host is None else parse_bytes(host, f"{where}.host"),
+            None if device is None else parse_bytes(device, labels[0]),
+            None if host is None else parse_bytes(host, labels[1]),
         )
 
 

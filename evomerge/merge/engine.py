@@ -30,11 +30,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from evomerge.adapters import AdapterSource, open_sources
 from evomerge.errors import MergeError, SourceError
 from evomerge.export import atomic_folder, check_output_folder, model_card
 from evomerge.merge._job import TensorJob
 from evomerge.merge._kernels import Kernels
 from evomerge.merge._selection import HIGH_BINS, MagnitudeHistogram, count_bins, delta_stats_kernel
+from evomerge.merge.low_rank import is_lora_live, merge_into_lora
 from evomerge.merge.budget import MemoryBudget, Placement, plan_placement
 from evomerge.merge.methods import MergeMethod, TensorPlan, get_method
 from evomerge.merge.params import ParamSpec
@@ -74,12 +76,15 @@ class MergeEngine:
             raise MergeError("no source models given")
         self.sources: dict[str, SourceModel] = {s.ref: s for s in sources}
         self.names = check_compatible(list(sources))
+        for s in sources:  # an adapter's base, when the merge does not name it, is read too
+            if isinstance(s, AdapterSource) and s.base.ref not in self.sources:
+                self.sources[s.base.ref] = s.base
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError(f"device {device} was asked for, but no CUDA device is available here")
         self.kernels = Kernels(compile, device=self.device.type)
         self.placement: Placement = plan_placement(
-            [(s.ref, _float_bytes(s)) for s in sources],
+            [(s.ref, _float_bytes(s)) for s in self.sources.values()],
             device=str(self.device),
             live_model_bytes=live_model_bytes,
             n_models=n_models if n_models is not None else max(1, len(sources) - 1),
@@ -102,10 +107,7 @@ class MergeEngine:
         budget: MemoryBudget = MemoryBudget(),
     ) -> "MergeEngine":
         """Open and check every model a recipe names (the base first)."""
-        refs = recipe.model_refs
-        if recipe.base_model is not None:
-            refs = [recipe.base_model] + [r for r in refs if r != recipe.base_model]
-        sources = [SourceModel.open(r, allow_pickle=allow_pickle, base_dir=base_dir) for r in refs]
+        sources = open_sources(recipe.model_refs, base_model=recipe.base_model, allow_pickle=allow_pickle, base_dir=base_dir)
         return cls(sources, device=device, compile=compile, budget=budget, n_models=len(get_method(recipe.merge_method).inputs(recipe)))
 
     # ------------------------------------------------------------------ planning
@@ -160,19 +162,27 @@ class MergeEngine:
         return name
 
     def full(self, ref: str, name: str) -> torch.Tensor:
-        """A source's whole tensor as stored: resident on the device, or memory-mapped."""
+        """A source's whole tensor as stored: resident on the device, or memory-mapped
+        (an adapter's: made from its base's and its factors, one tensor at a time)."""
         key = (ref, name)
         hit = self._resident.get(key)
         if hit is not None:
             return hit
-        t = self.source(ref).tensor(self._source_name(ref, name))
+        src = self.source(ref)
+        if isinstance(src, AdapterSource):
+            return src.add_update(name, self.full(src.base.ref, name).reshape(-1), 0, math.prod(self.shape(name))).reshape(self.shape(name))
+        t = src.tensor(self._source_name(ref, name))
         if ref in self.placement.resident:
             t = t.to(self.device)
             self._resident[key] = t
         return t
 
     def read(self, ref: str, name: str, a: int, b: int) -> torch.Tensor:
-        """Entries [a, b) of a source's flattened tensor, as stored, on the engine's device."""
+        """Entries [a, b) of a source's flattened tensor, as stored, on the engine's device
+        (an adapter's in float32: its base's plus the rows of its update)."""
+        src = self.source(ref)
+        if isinstance(src, AdapterSource):
+            return src.add_update(name, self.read(src.base.ref, name, a, b), a, b)
         return self.full(ref, name).reshape(-1)[a:b].to(self.device)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -244,6 +254,8 @@ class MergeEngine:
         Returns timings. The model must have the sources' architecture; its
         parameter names are the checkpoint's tensor names.
         """
+        if is_lora_live(model):  # base + LoRA layers: only the factors change
+            return merge_into_lora(self, model, recipe)
         start = time.perf_counter()
         plans = self.plan(recipe)
         method = get_method(recipe.merge_method)
@@ -332,6 +344,13 @@ class MergeEngine:
         return {"out": str(out), "merge_method": recipe.merge_method, "n_tensors": len(self.names), "n_shards": n_shards,
                 "dtype": str(dtype).removeprefix("torch."), "seconds": time.perf_counter() - start}
 
+    def write_adapter(self, recipe: Recipe, out: Path, *, rank: Optional[int] = None, overwrite: bool = False) -> dict[str, Any]:
+        """Write the merge as one PEFT LoRA adapter: exact for a linear merge of adapters,
+        else truncated to ``rank`` by SVD (see :func:`evomerge.merge.low_rank.write_adapter`)."""
+        from evomerge.merge.low_rank import write_adapter
+
+        return write_adapter(self, recipe, out, rank=rank, overwrite=overwrite)
+
     def _out_dtype(self, recipe: Recipe, ref: SourceModel) -> torch.dtype:
         if recipe.out_dtype:
             return parse_dtype(recipe.out_dtype)
@@ -377,7 +396,10 @@ def _assign_shards(sizes: Iterable[tuple[str, int]], limit: int) -> list[list[st
 
 
 def _float_bytes(src: SourceModel) -> int:
-    """Bytes of a source's floating-point tensors as stored (what a device copy costs)."""
+    """Bytes of a source's floating-point tensors as stored (what a device copy costs; an
+    adapter's factors)."""
+    if isinstance(src, AdapterSource):
+        return sum(f.a.numel() * f.a.element_size() + f.b.numel() * f.b.element_size() for f in src.factors.values())
     return sum(math.prod(src.shape(n)) * _itemsize(src.dtype(n)) for n in src.tensor_names if _is_float(src.dtype(n)))
 
 

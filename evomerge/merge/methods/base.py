@@ -84,6 +84,12 @@ class MergeMethod:
     def check_plan(self, plan: TensorPlan) -> None:
         """Per-tensor checks of the resolved parameters, before anything is merged."""
 
+    def linear_coefficients(self, plan: TensorPlan) -> Optional[tuple[float, dict[str, float]]]:
+        """For merges linear in the task vectors: ``(b, {model: c})`` with merged =
+        ``b * base + sum c * (model - base)`` for this tensor; None otherwise. LoRA
+        adapters merge in low-rank form when it exists and ``b`` is 1."""
+        return None
+
     # ------------------------------------------------------------------ cost and kernel
     def traffic(self, n_models: int) -> int:
         """Tensor-sized reads plus writes the method cannot avoid with ``n_models`` models

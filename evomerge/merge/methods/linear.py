@@ -5,7 +5,7 @@ Reference: Wortsman et al., Model soups, https://arxiv.org/abs/2203.05482
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -48,6 +48,11 @@ class Linear(MergeMethod):
                 f"linear: the weights of tensor {plan.name} sum to 0, and normalize divides by their sum; "
                 "give a non-zero weight or set normalize: false"
             )
+
+    def linear_coefficients(self, plan: TensorPlan) -> Optional[tuple[float, dict[str, float]]]:
+        weights = {m: p["weight"] for m, p in plan.per_model.items()}
+        total = sum(weights.values()) if plan.shared["normalize"] else 1.0
+        return sum(weights.values()) / total, {m: w / total for m, w in weights.items()}
 
     def traffic(self, n_models: int) -> int:
         return n_models + 1  # no base read: every input is read once, the output written

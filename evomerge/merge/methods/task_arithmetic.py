@@ -270,6 +270,15 @@ class TaskArithmetic(MergeMethod):
                 if 0 < p["density"] < 1:
                     check_della(p["density"], p["epsilon"])
 
+    def linear_coefficients(self, plan: TensorPlan) -> Optional[tuple[float, dict[str, float]]]:
+        if self.sparsify is not None:  # masks depend on the values: not linear
+            return None
+        weights = {m: p["weight"] for m, p in plan.per_model.items()}
+        total = sum(weights.values())
+        divisor = (total if abs(total) >= 1e-8 else 1.0) if plan.shared["normalize"] else 1.0
+        lam = float(plan.shared["lambda"])
+        return 1.0, {m: lam * w / divisor for m, w in weights.items()}
+
     # ------------------------------------------------------------------ kernel
     def merge(self, job: Any) -> None:
         models = list(job.inputs)
