@@ -382,6 +382,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     m.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the sources and the live model (default: float32,bfloat16)")
     m.add_argument("--no-first-merge", action="store_true", help="skip the fresh-process first merges (cold and warm compile cache)")
+    m.add_argument("--adapters", type=int, metavar="RANK", help="instead: 3 LoRA adapters of this rank against the same adapters merged into full models (default methods: linear, task_arithmetic, ties)")
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     m.add_argument("--workdir", type=Path, default=None, help="where to build the models (default: a temp folder)")
     m.add_argument("--json", action="store_true", help="print JSON")
@@ -538,9 +539,16 @@ def _run_bench_search(args: argparse.Namespace) -> int:
 
 
 def _run_bench_merge(args: argparse.Namespace) -> int:
-    from evomerge.bench.merge import bench_merge, format_table
+    from evomerge.bench.merge import bench_merge, bench_merge_adapters, format_adapter_table, format_table
 
     methods = args.methods.split(",") if args.methods else None
+    if args.adapters is not None:
+        if args.adapters < 1:
+            raise ConfigError(f"--adapters must be a rank of at least 1, got {args.adapters}")
+        result = bench_merge_adapters(n_params=int(args.params), n_adapters=args.sources, rank=args.adapters, repeats=args.repeats,
+                                      methods=methods, threads=args.threads, workdir=args.workdir, progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else format_adapter_table(result))
+        return 0
     result = bench_merge(
         n_params=int(args.params),
         n_sources=args.sources,

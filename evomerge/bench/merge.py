@@ -199,6 +199,96 @@ def _bench_method(engine: MergeEngine, model: torch.nn.Module, method: str, base
     }
 
 
+ADAPTER_TARGET = 0.1  # a low-rank candidate against the same merge of the materialized models
+
+
+def bench_merge_adapters(
+    *,
+    n_params: int = 110_000_000,
+    n_adapters: int = 3,
+    rank: int = 16,
+    repeats: int = 3,
+    methods: Optional[list[str]] = None,
+    threads: Optional[int] = None,
+    workdir: Optional[Path] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """LoRA adapters against the full fine-tunes they stand for, in one run.
+
+    A base, ``n_adapters`` rank-``rank`` PEFT adapters and the same adapters merged into
+    full model folders. Per method, new candidates are merged (a) from the adapters into a
+    LoRA live model (linear merges: only the factors change) or a plain one (other
+    methods: updates made per block of rows), and (b) from the full models into a plain
+    live model; the ratio a/b is what an adapter search saves per candidate.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from evomerge._testing import write_lora_adapters
+    from evomerge.merge.low_rank import lora_live_model, low_rank_adapters
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    methods = list(methods or ("linear", "task_arithmetic", "ties"))
+    for method in methods:
+        get_method(method, where="--methods")
+    say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        cfg = config_for_params(n_params)
+        say(f"building a {n_params / 1e6:.0f}M-parameter base, {n_adapters} rank-{rank} adapters and their full models in {tmp} ...")
+        (base,) = write_family(Path(tmp), 0, seed=0, cfg=cfg, tokenizer=False)
+        adapters, fulls = write_lora_adapters(Path(tmp), base, n_adapters, rank=rank, seed=0)
+        n = sum(p.numel() for p in live_model(cfg).state_dict().values())
+        for method in methods:
+            on_adapters = MergeEngine.from_recipe(example_recipe(method, str(base), [str(a) for a in adapters]))
+            on_fulls = MergeEngine.from_recipe(example_recipe(method, str(base), [str(f) for f in fulls]))
+            plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            factors = low_rank_adapters(on_adapters, [str(a) for a in adapters])
+            live = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            plan = on_adapters.plan(example_recipe(method, str(base), [str(a) for a in adapters]))
+            if factors and all(get_method(method).linear_coefficients(p) is not None for p in plan if p.inputs):
+                live = lora_live_model(live, factors)  # linear in the adapters: only the factors change
+            times = {}
+            for label, engine, model, folders in (("adapters", on_adapters, live, adapters), ("full", on_fulls, plain, fulls)):
+                engine.merge_into(model, example_recipe(method, str(base), [str(f) for f in folders]))  # statistics, compilation
+                t = []
+                for variant in range(1, repeats + 1):
+                    recipe = example_recipe(method, str(base), [str(f) for f in folders], variant=variant)
+                    t0 = time.perf_counter()
+                    engine.merge_into(model, recipe)
+                    t.append(time.perf_counter() - t0)
+                times[label] = statistics.median(t)
+            low_rank = hasattr(live, "evomerge_layout")
+            ratio = times["adapters"] / times["full"]
+            row = {
+                "method": method,
+                "low_rank": low_rank,
+                "adapter_seconds": times["adapters"],
+                "full_seconds": times["full"],
+                "ratio": ratio,
+                "target_ratio": ADAPTER_TARGET if low_rank else None,
+                "meets_target": (ratio <= ADAPTER_TARGET) if low_rank else None,
+            }
+            rows.append(row)
+            say(f"{method:17s} adapters {row['adapter_seconds']:8.4f} s ({'LoRA factors' if low_rank else 'updates per block'})  full models {row['full_seconds']:7.3f} s  ratio {ratio:6.3f}")
+    return {"benchmark": "merge_adapters", "params": n, "adapters": n_adapters, "rank": rank, "threads": torch.get_num_threads(), "methods": rows}
+
+
+def format_adapter_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"merge_into on a {result['params'] / 1e6:.0f}M-parameter base: {result['adapters']} rank-{result['rank']} LoRA adapters "
+        f"against the same adapters merged into full models, {result['threads']} threads; seconds per new candidate",
+        f"{'method':17s} {'adapters':>9s} {'how':>18s} {'full':>8s} {'ratio':>7s} {'target':>7s}",
+    ]
+    for r in result["methods"]:
+        how = "LoRA factors" if r["low_rank"] else "updates per block"
+        target = f"<= {r['target_ratio']:g}x" if r["target_ratio"] else ""
+        mark = "" if r["meets_target"] is None else ("  ok" if r["meets_target"] else "  MISSED")
+        lines.append(f"{r['method']:17s} {r['adapter_seconds']:9.4f} {how:>18s} {r['full_seconds']:8.3f} {r['ratio']:7.3f} {target:>7s}{mark}")
+    return "\n".join(lines)
+
+
 def first_merges(method: str, folders: list[Path], cfg: dict, dtype: str) -> tuple[float, float]:
     """Seconds of the first merge of a fresh process, compile cache empty then warm."""
     with tempfile.TemporaryDirectory(prefix="evomerge-inductor-") as cache:
