@@ -22,10 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge.errors import ConfigError, validation_message
+from evomerge.io import read_yaml
 
 Direction = Literal["maximize", "minimize"]
 Limit = Union[int, float]
@@ -165,13 +165,7 @@ def load_evaluator_config(source: Union[str, Path, dict], *, where: Optional[str
     else:
         path = Path(source)
         where = where or str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError:
-            raise ConfigError(f"evaluator file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ConfigError(f"{where}: malformed YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+        data = read_yaml(path, what="evaluator file")
         base = path.resolve().parent
         if isinstance(data, dict):
             data.setdefault("name", path.stem)

@@ -13,7 +13,6 @@ trials with exactly the same objective values only the earliest is kept.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from evomerge.io import write_json_atomic
 from evomerge.optimize.base import Objective
 
 OBJECTIVES_ATTR = "objective_values"  # per-objective values of a trial (user attr)
@@ -176,8 +176,3 @@ class ParetoArchive:
 def _objective_dict(scores: dict, objectives: Sequence[Objective]) -> dict:
     return {o.metric: scores.get(o.metric) for o in objectives}
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evomerge.io import atomic_file
 from evomerge.pareto import OBJECTIVES_ATTR, best_mean
 
 ARTIFACTS = "artifacts"
@@ -90,12 +91,10 @@ def save_figure(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure as a PNG, atomically (temp file, then rename); parents are made."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

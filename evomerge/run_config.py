@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.config import check_limit
 from evomerge.errors import ConfigError, validation_message
+from evomerge.io import read_yaml
 
 
 class _Strict(BaseModel):
@@ -187,16 +187,7 @@ class RunConfig(_Strict):
 
 def load_run_config(path: Path) -> RunConfig:
     """Parse a run config file; one-line error naming the file and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"run config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{at}") from None
-    return parse_run_config(data, where=str(path))
+    return parse_run_config(read_yaml(Path(path), what="run config"), where=str(path))
 
 
 def parse_run_config(data: Any, *, where: str = "run config") -> RunConfig:

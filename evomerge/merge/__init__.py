@@ -29,7 +29,7 @@ def merge(
         >>> merge("recipe.yaml", "merged")   # doctest: +SKIP
         {'out': 'merged', 'merge_method': 'ties', 'n_tensors': 20, ...}
     """
-    from evomerge.export import check_output_folder
+    from evomerge.io import check_output_folder
 
     base_dir = None
     if not isinstance(recipe, Recipe):

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from evomerge.errors import MergeError, SourceError
-from evomerge.export import atomic_folder, check_output_folder, model_card
+from evomerge.io import atomic_folder, check_output_folder
+from evomerge.merge.card import model_card
 from evomerge.merge import methods as M
 from evomerge.merge._cache import SharedCache
 from evomerge.merge._kernels import Kernels, linear_into, linear_kernel, masked_l1_kernel, task_vector_into, task_vector_kernel
