@@ -53,7 +53,8 @@ def demo(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the demo; returns the quality table (as ``bench quality`` does) plus the run's paths."""
-    from evomerge.study import CONFIG_NAME, SearchRun
+    from evomerge.run.api import create, open_search
+    from evomerge.run.handle import CONFIG_NAME
     from evomerge.zoo import zoo
 
     if trials < 1 or workers < 1:
@@ -71,7 +72,7 @@ def demo(
         shutil.rmtree(run_dir)
     if (run_dir / CONFIG_NAME).is_file():
         say(f"[2/4] search: continuing {run_dir} up to {trials} trials (--fresh starts over)")
-        run = SearchRun.open(run_dir)
+        run = open_search(run_dir)
         _check_same_zoo(run, z)
     else:
         say(f"[2/4] search: {optimizer} over {len(skills)} objectives ({', '.join(f'{s}/accuracy' for s in skills)}), "
@@ -79,7 +80,7 @@ def demo(
         data = search_config(z, skills, optimizer=optimizer, trials=trials, workers=workers, executor=executor or "ray", seed=seed)
         path = write_config(data, Path(runs_dir), RUN_NAME)
         try:
-            run = SearchRun.create(path, runs_dir=Path(runs_dir), name=RUN_NAME)
+            run = create(path, runs_dir=Path(runs_dir), name=RUN_NAME)
         finally:
             path.unlink()
     if executor is not None:  # a continued run keeps its executor unless told

@@ -21,13 +21,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from evomerge import record
 from evomerge.io import write_json_atomic
 from evomerge.optimize.base import Objective
-
-OBJECTIVES_ATTR = "objective_values"  # per-objective values of a trial (user attr)
-SCORES_ATTR = "scores"  # every metric the evaluators returned
-HOLDOUT_ATTR = "holdout_scores"
-RECIPE_ATTR = "recipe"
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ def best_mean(front: Sequence[Any], objectives: Sequence[Objective]) -> Any:
     if not front:
         return None
     signs = np.array([1.0 if o.direction == "maximize" else -1.0 for o in objectives])
-    return max(front, key=lambda t: float(np.mean(np.array(t.user_attrs[OBJECTIVES_ATTR]) * signs)))
+    return max(front, key=lambda t: float(np.mean(np.array(record.objective_values(t, objectives)) * signs)))
 
 
 class ParetoArchive:
@@ -125,15 +121,15 @@ class ParetoArchive:
 
         out = []
         for t in trials:
-            if t.state != TrialState.COMPLETE or OBJECTIVES_ATTR not in t.user_attrs:
+            if t.state != TrialState.COMPLETE or record.objective_values(t, self.objectives) is None:
                 continue
-            if all(c.ok(t.user_attrs.get(SCORES_ATTR, {})) for c in self.constraints):
+            if all(c.ok(record.get(t, "scores") or {}) for c in self.constraints):
                 out.append(t)
         return out
 
     def front(self, trials: Sequence[Any]) -> list[Any]:
         done = sorted(self.eligible(trials), key=lambda t: t.number)
-        idx = front_indices([t.user_attrs[OBJECTIVES_ATTR] for t in done], self.objectives)
+        idx = front_indices([record.objective_values(t, self.objectives) for t in done], self.objectives)
         return [done[i] for i in idx]
 
     def sync(self, trials: Sequence[Any], *, holdout: Optional[dict[int, dict]] = None) -> list[Any]:
@@ -145,7 +141,7 @@ class ParetoArchive:
             for t in front:
                 folder = self.dir / str(t.number)
                 if not folder.is_dir():
-                    self.write_model(t.user_attrs[RECIPE_ATTR], folder)
+                    self.write_model(record.get(t, "recipe"), folder)
         for entry in self.dir.iterdir():
             if entry.name.startswith("."):
                 if ".tmp-" in entry.name or entry.name.startswith(".trash-"):
@@ -157,15 +153,15 @@ class ParetoArchive:
                 shutil.rmtree(trash, ignore_errors=True)
         members = []
         for t in front:
-            held = (holdout or {}).get(t.number) or t.user_attrs.get(HOLDOUT_ATTR)
+            held = (holdout or {}).get(t.number) or record.get(t, "holdout_scores")
             members.append(
                 {
                     "trial": t.number,
-                    "values": dict(zip([o.metric for o in self.objectives], t.user_attrs[OBJECTIVES_ATTR])),
+                    "values": dict(zip([o.metric for o in self.objectives], record.objective_values(t, self.objectives))),
                     "holdout_values": _objective_dict(held, self.objectives) if held else None,
-                    "scores": t.user_attrs.get(SCORES_ATTR),
+                    "scores": record.get(t, "scores"),
                     "holdout_scores": held,
-                    "recipe": t.user_attrs.get(RECIPE_ATTR),
+                    "recipe": record.get(t, "recipe"),
                     "path": str(self.dir / str(t.number)) if self.write_model is not None else None,
                 }
             )

@@ -7,14 +7,20 @@ model weight is loaded. See ``examples/search.yaml`` for a commented example.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from evomerge.config import check_limit
 from evomerge.errors import ConfigError, validation_message
 from evomerge.io import read_yaml
+
+
+#: Learned refinement of an alignment (evomerge.align.refine): its blends and default learning rate.
+REFINE_BLENDS = ("midpoint", "path", "layerwise")
+DEFAULT_REFINE_LR = 3e-3
 
 
 class _Strict(BaseModel):
@@ -36,7 +42,7 @@ class AlignSourcesConfig(_Strict):
     data: Optional[str] = None  # evaluator preset or .jsonl/text file for activation statistics
     to: Literal["base", "first"] = "base"
     refine: int = Field(default=0, ge=0, strict=True)  # steps of learned refinement after the matching (needs data)
-    refine_blend: Literal["midpoint", "path", "layerwise"] = "layerwise"  # the merges refinement is trained on
+    refine_blend: Literal[REFINE_BLENDS] = "layerwise"  # type: ignore[valid-type]  # the merges refinement is trained on
     originals: Optional[Dict[str, str]] = None  # set by evomerge: aligned folder -> the source it replaces
 
 
@@ -88,7 +94,7 @@ class OptimizerConfig(_Strict):
 
 class BudgetConfig(_Strict):
     trials: Optional[int] = Field(default=None, ge=1)
-    timeout: Optional[float] = Field(default=None, gt=0)
+    timeout: Optional[float] = Field(default=None, gt=0, description="seconds")
 
     @model_validator(mode="after")
     def _some_budget(self) -> "BudgetConfig":
@@ -124,16 +130,24 @@ class ConstraintConfig(_Strict):
 
 
 class ExecutorConfig(_Strict):
-    kind: Literal["serial", "ray"] = "serial"
+    """What every executor takes; a kind's own model adds its fields (see :data:`EXECUTORS`)."""
+
+    kind: str = "serial"
     workers: int = Field(default=1, ge=1)
-    # Ray only
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword arguments of the executor's class besides the worker spec and ``workers``."""
+        return {}
+
+
+class RayExecutorConfig(ExecutorConfig):
     cpus_per_worker: Optional[float] = Field(default=None, gt=0)
     gpus_per_worker: Optional[float] = Field(default=None, ge=0)
     ray_address: Optional[str] = None
     ray_dashboard: bool = False
     max_retries: int = Field(default=2, ge=0)
 
-    def ray_options(self) -> Dict[str, Any]:
+    def options(self) -> Dict[str, Any]:
         return {
             "cpus_per_worker": self.cpus_per_worker,
             "gpus_per_worker": self.gpus_per_worker,
@@ -141,6 +155,39 @@ class ExecutorConfig(_Strict):
             "dashboard": self.ray_dashboard,
             "max_retries": self.max_retries,
         }
+
+
+@dataclass(frozen=True)
+class ExecutorKind:
+    """A registry entry: the kind's config model and its class (or ``"module:Class"``, imported when used)."""
+
+    config: type[ExecutorConfig]
+    executor: Union[type, str]
+
+
+#: Registry: executor kind -> its config model and class. :func:`register_executor` adds one.
+EXECUTORS: Dict[str, ExecutorKind] = {
+    "serial": ExecutorKind(ExecutorConfig, "evomerge.execute.serial:SerialExecutor"),
+    "ray": ExecutorKind(RayExecutorConfig, "evomerge.execute.ray:RayExecutor"),
+}
+
+
+def register_executor(kind: str, config: type[ExecutorConfig], executor: Union[type, str]) -> None:
+    """Make ``executor: {kind: KIND, ...}`` mean this class, its fields checked by ``config``."""
+    if kind in EXECUTORS and EXECUTORS[kind] != ExecutorKind(config, executor):
+        raise ValueError(f"executor kind {kind!r} is registered twice")
+    EXECUTORS[kind] = ExecutorKind(config, executor)
+
+
+def executor_config(data: Any) -> ExecutorConfig:
+    """The config model of ``data['kind']`` validating ``data`` (pydantic's ValidationError if bad)."""
+    if isinstance(data, ExecutorConfig):
+        return data
+    data = dict(data or {})
+    kind = data.get("kind", "serial")
+    if kind not in EXECUTORS:
+        raise ValueError(f"kind: unknown executor {kind!r} (known: {', '.join(sorted(EXECUTORS))})")
+    return EXECUTORS[kind].config.model_validate(data)
 
 
 class RunConfig(_Strict):
@@ -158,7 +205,7 @@ class RunConfig(_Strict):
     fidelity: Optional[FidelityConfig] = None
     constraints: List[ConstraintConfig] = Field(default_factory=list)
     reference_point: Optional[List[float]] = None
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    executor: SerializeAsAny[ExecutorConfig] = Field(default_factory=ExecutorConfig)
     device: str = "cpu"
     # the live model's dtype and that of written models (recipes' `dtype`); merging computes in float32
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -176,6 +223,14 @@ class RunConfig(_Strict):
             raise ValueError("at least one entry is needed")
         return v
 
+    @field_validator("executor", mode="wrap")
+    @classmethod
+    def _executor(cls, v: Any, handler: Any) -> ExecutorConfig:
+        try:
+            return executor_config(v)
+        except ValidationError as exc:  # the kind's own model: its first error, under executor.
+            raise ValueError(validation_message(exc)) from None
+
     @field_validator("baselines")
     @classmethod
     def _baselines(cls, v: List[str]) -> List[str]:
@@ -183,6 +238,28 @@ class RunConfig(_Strict):
             if b != "uniform":
                 raise ValueError(f"unknown baseline {b!r} (known: uniform; list recipes under seed_recipes)")
         return v
+
+
+class CommandCounts(_Strict):
+    """Bounds of the counts commands take besides a run config's fields (benchmarks, paths)."""
+
+    repeats: int = Field(default=1, ge=1)
+    sources: int = Field(default=1, ge=1)
+    params: float = Field(default=1, ge=1)
+    threads: int = Field(default=1, ge=1)
+    steps: int = Field(default=3, ge=3)  # points of a path, endpoints included
+    limit: int = Field(default=1, ge=1)  # examples, as a whole count
+    refine_lr: float = Field(default=DEFAULT_REFINE_LR, gt=0)
+
+
+#: Where the bound of each count option of the command line is declared: (model, field).
+OPTION_BOUNDS: Dict[str, tuple] = {
+    "trials": (BudgetConfig, "trials"),
+    "timeout": (BudgetConfig, "timeout"),
+    "workers": (ExecutorConfig, "workers"),
+    "refine": (AlignSourcesConfig, "refine"),
+    **{name: (CommandCounts, name) for name in CommandCounts.model_fields},
+}
 
 
 def load_run_config(path: Path) -> RunConfig:

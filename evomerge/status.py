@@ -1,37 +1,88 @@
-"""``evomerge status``: what a run holds, from its study (safe while the search writes)."""
+"""``evomerge status``: what a run holds, read from its study (safe while the search writes).
+
+Reads the storage and the run folder only, through the light run handle
+(:class:`evomerge.run.handle.Run`): no source weights, evaluators or GPU are needed.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
-from evomerge.pareto import HOLDOUT_ATTR, OBJECTIVES_ATTR, ParetoArchive, hypervolume
+from evomerge import record
+from evomerge.pareto import hypervolume
 
 
-def status(run_dir: Path, *, storage: Optional[str] = None) -> dict[str, Any]:
-    """Counts by state, best per objective, the front, hypervolume, throughput, time split."""
+def status(run_dir: Optional[Path] = None, *, storage: Optional[str] = None, study: Optional[str] = None) -> dict[str, Any]:
+    """Counts by state, best per objective, the front, hypervolume, throughput, time split.
+
+    The run is its folder, or (``storage`` and ``study``) a study in a storage.
+    """
     from optuna.trial import TrialState
 
-    from evomerge.study import SearchRun
+    from evomerge.run.handle import Run
 
-    run = SearchRun.open(run_dir, storage=storage)
-    study = run.load_study()
-    trials = study.get_trials(deepcopy=False)
-    archive = ParetoArchive(run.run_dir, run.objectives)
-    front = archive.front(trials)
-    done = [t for t in trials if t.state == TrialState.COMPLETE and OBJECTIVES_ATTR in t.user_attrs]
+    if run_dir is None:
+        if not (storage and study):
+            from evomerge.errors import ConfigError
+
+            raise ConfigError("name the run: its folder, or --storage URL and --study NAME")
+        run = _from_storage(storage, study)
+    else:
+        run = Run.open(run_dir, storage=storage)
+    trials = run.study().get_trials(deepcopy=False) if run.has_study() else []
+    archive = run.archive()
+    out = summary(run, None, archive, trials=trials)
+    objectives = run.objectives
+    done = [t for t in trials if t.state == TrialState.COMPLETE and record.objective_values(t, objectives) is not None]
     best = {}
-    for i, o in enumerate(run.objectives):
-        vals = [t.user_attrs[OBJECTIVES_ATTR][i] for t in done]
+    for i, o in enumerate(objectives):
+        vals = [record.objective_values(t, objectives)[i] for t in done]
         if vals:
             best[o.metric] = max(vals) if o.direction == "maximize" else min(vals)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in done if t.datetime_complete]
     span = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
-    merge_s = sum(t.user_attrs.get("merge_seconds", 0.0) for t in done)
-    eval_s = sum(t.user_attrs.get("eval_seconds", 0.0) for t in done)
-    ref = run.config.reference_point or study.user_attrs.get("reference_point")
+    out.pop("elapsed_seconds")
+    out.update(
+        n_waiting=sum(t.state == TrialState.WAITING for t in trials),
+        budget=run.config.budget.model_dump(),
+        best=best,
+        trials_per_hour=len(done) / span * 3600 if span > 0 else None,
+        merge_seconds=sum(record.get(t, "merge_seconds", 0.0) for t in done),
+        eval_seconds=sum(record.get(t, "eval_seconds", 0.0) for t in done),
+        errors=grouped_errors([(t.number, record.get(t, "error", "no error recorded")) for t in trials if t.state == TrialState.FAIL]),
+    )
+    return out
+
+
+def _from_storage(storage: str, study: str) -> Any:
+    """A run read straight from its storage, its folder (made where it would be resumed) untouched."""
+    from evomerge.errors import ConfigError
+    from evomerge.run._storage import CONFIG_ATTR, open_storage, study_id, system_attrs
+    from evomerge.run.handle import Run
+    from evomerge.run_config import parse_run_config
+
+    st = open_storage(storage, Path("."))
+    sid = study_id(st, study)
+    frozen = None if sid is None else system_attrs(st, sid).get(CONFIG_ATTR)
+    if frozen is None:
+        raise ConfigError(f"storage {storage} holds no study named {study!r} made by evomerge search")
+    run = Run(parse_run_config(frozen, where=f"study {study!r}"), Path("runs") / study, storage_url=storage)
+    run._storage = st
+    return run
+
+
+def summary(run: Any, study: Any, archive: Any, *, elapsed: float = 0.0, trials: Optional[list] = None) -> dict[str, Any]:
+    """Counts by state, the front (trial, values, held-out values, path) and its hypervolume."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    objectives = run.objectives
+    front = archive.front(trials)
+    ref = run.config.reference_point or (study.user_attrs if study is not None else _user_attrs(run)).get("reference_point")
     count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
+    values = lambda t: record.objective_values(t, objectives)  # noqa: E731
     return {
         "study": run.name,
         "run_dir": str(run.run_dir),
@@ -39,25 +90,30 @@ def status(run_dir: Path, *, storage: Optional[str] = None) -> dict[str, Any]:
         "n_failed": count(TrialState.FAIL),
         "n_pruned": count(TrialState.PRUNED),
         "n_running": count(TrialState.RUNNING),
-        "n_waiting": count(TrialState.WAITING),
-        "budget": run.config.budget.model_dump(),
-        "objectives": [{"name": o.metric, "direction": o.direction} for o in run.objectives],
-        "best": best,
+        "objectives": [{"name": o.metric, "direction": o.direction} for o in objectives],
         "pareto": [
             {
                 "trial": t.number,
-                "values": t.user_attrs[OBJECTIVES_ATTR],
-                "holdout_values": [t.user_attrs[HOLDOUT_ATTR].get(o.metric) for o in run.objectives] if t.user_attrs.get(HOLDOUT_ATTR) else None,
+                "values": values(t),
+                "holdout_values": _held(t, objectives),
                 "path": str(archive.dir / str(t.number)),
             }
             for t in front
         ],
-        "hypervolume": hypervolume([t.user_attrs[OBJECTIVES_ATTR] for t in front], run.objectives, ref) if ref else 0.0,
-        "trials_per_hour": len(done) / span * 3600 if span > 0 else None,
-        "merge_seconds": merge_s,
-        "eval_seconds": eval_s,
-        "errors": grouped_errors([(t.number, t.user_attrs.get("error", "no error recorded")) for t in trials if t.state == TrialState.FAIL]),
+        "hypervolume": hypervolume([values(t) for t in front], objectives, ref) if ref else 0.0,
+        "elapsed_seconds": elapsed,
     }
+
+
+def _held(t: Any, objectives: list) -> Optional[list]:
+    held = record.get(t, "holdout_scores")
+    return [held.get(o.metric) for o in objectives] if held else None
+
+
+def _user_attrs(run: Any) -> dict[str, Any]:
+    if not run.has_study():
+        return {}
+    return run.storage().get_study_user_attrs(run.storage().get_study_id_from_name(run.name))
 
 
 def grouped_errors(errors: list[tuple[int, str]]) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ class EvaluatorSpec:
     holdout_split: Optional[str]
     limit: Optional[Union[int, float]]
     options: dict = field(default_factory=dict)
+    instance: Any = field(default=None, compare=False)  # an evaluator object a script built (used as is)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Worker:
                 split = e.holdout_split if holdout else e.split
                 if split is None:
                     continue
-                built.append((e.name, build_evaluator(e.preset, split=split, **e.options)))
+                built.append((e.name, e.instance if e.instance is not None else build_evaluator(e.preset, split=split, **e.options)))
             self._evaluators[key] = built
         return self._evaluators[key]
 

@@ -71,7 +71,7 @@ def search_config(
 
 
 def write_config(data: dict[str, Any], folder: Path, name: str) -> Path:
-    """Write a run config where :meth:`SearchRun.create` can read it (paths in it are absolute)."""
+    """Write a run config where :func:`evomerge.run.create` can read it (paths in it are absolute)."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".yaml", dir=folder)
     with os.fdopen(fd, "w") as f:
@@ -265,7 +265,7 @@ def bench_quality(
     """Baselines, then one search per optimizer; the table as a dict (see the module docstring)."""
     import time
 
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
     from evomerge.zoo import load_zoo, zoo
 
     check_skills(None, skills)  # before a zoo is built for nothing
@@ -284,7 +284,7 @@ def bench_quality(
             data = search_config(z, skills, optimizer=opt, trials=trials, workers=workers, executor=executor, seed=seed, keep_pareto_models=False, limit=limit)
             path = write_config(data, Path(runs_dir), name)
             try:
-                run = SearchRun.create(path, runs_dir=Path(runs_dir), name=name)
+                run = create(path, runs_dir=Path(runs_dir), name=name)
             finally:
                 path.unlink()
             summary = run.run(progress=progress)
