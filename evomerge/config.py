@@ -19,6 +19,7 @@ Example (a dataset evaluator)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -35,7 +36,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _EvaluatorBase(_Strict):
+class EvaluatorConfigBase(_Strict):
+    """Fields every evaluator kind has; a kind's model adds ``kind: Literal["..."]`` and its own."""
+
     name: Optional[str] = None  # default: the file's stem
     description: Optional[str] = None
     limit: Optional[Limit] = None  # default subset for every call: a count or a fraction in (0, 1]
@@ -47,7 +50,7 @@ class _EvaluatorBase(_Strict):
         return check_limit(v)
 
 
-class DatasetConfig(_EvaluatorBase):
+class DatasetConfig(EvaluatorConfigBase):
     """A Hugging Face ``datasets`` dataset scored in batches.
 
     ``path`` is a builder (``json``, ``csv``, ``parquet``), a local folder or a hub
@@ -74,7 +77,7 @@ class DatasetConfig(_EvaluatorBase):
     add_special_tokens: bool = True
 
 
-class LmEvalConfig(_EvaluatorBase):
+class LmEvalConfig(EvaluatorConfigBase):
     """lm-evaluation-harness tasks run on the live model through lm-eval's HF wrapper."""
 
     kind: Literal["lm_eval"]
@@ -105,7 +108,7 @@ class LmEvalConfig(_EvaluatorBase):
         return [v] if isinstance(v, str) else v
 
 
-class PythonConfig(_EvaluatorBase):
+class PythonConfig(EvaluatorConfigBase):
     """A function ``module:function`` (or ``file.py:function``) given the model and tokenizer."""
 
     kind: Literal["python"]
@@ -131,9 +134,33 @@ class PythonConfig(_EvaluatorBase):
         return v
 
 
-EvaluatorConfig = Union[DatasetConfig, LmEvalConfig, PythonConfig]
-CONFIG_CLASSES: dict[str, type[_EvaluatorBase]] = {"dataset": DatasetConfig, "lm_eval": LmEvalConfig, "python": PythonConfig}
-KINDS = tuple(CONFIG_CLASSES)
+EvaluatorConfig = EvaluatorConfigBase  # any kind's config model
+
+
+@dataclass(frozen=True)
+class EvaluatorKind:
+    """A registry entry: the kind's config model and its class (or ``"module:Class"``, imported when built)."""
+
+    config: type[EvaluatorConfigBase]
+    evaluator: Union[type, str]
+
+
+#: Registry: evaluator kind -> its config model and class. :func:`register_evaluator` adds one.
+EVALUATORS: dict[str, EvaluatorKind] = {
+    "dataset": EvaluatorKind(DatasetConfig, "evomerge.evaluate.dataset:DatasetEvaluator"),
+    "lm_eval": EvaluatorKind(LmEvalConfig, "evomerge.evaluate.lm_harness:LmEvalEvaluator"),
+    "python": EvaluatorKind(PythonConfig, "evomerge.evaluate.function:PythonEvaluator"),
+}
+
+
+def register_evaluator(kind: str, config: type[EvaluatorConfigBase], evaluator: Union[type, str]) -> None:
+    """Make evaluator files with ``kind: KIND`` build ``evaluator(config, base_dir, where)``.
+
+    ``config`` is a subclass of :class:`EvaluatorConfigBase` with ``kind: Literal[KIND]``.
+    """
+    if kind in EVALUATORS and EVALUATORS[kind] != EvaluatorKind(config, evaluator):
+        raise ValueError(f"evaluator kind {kind!r} is registered twice")
+    EVALUATORS[kind] = EvaluatorKind(config, evaluator)
 
 
 def check_limit(limit: Optional[Limit]) -> Optional[Limit]:
@@ -173,10 +200,10 @@ def load_evaluator_config(source: Union[str, Path, dict], *, where: Optional[str
         raise ConfigError(f"{where}: expected a mapping")
     data.update({k: v for k, v in overrides.items() if v is not None})
     kind = data.get("kind")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}: kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in EVALUATORS:
+        raise ConfigError(f"{where}: kind: expected one of {', '.join(EVALUATORS)}, got {kind!r}")
     try:
-        cfg = CONFIG_CLASSES[kind].model_validate(data)
+        cfg = EVALUATORS[kind].config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {validation_message(exc)}") from None
     if cfg.name is None:

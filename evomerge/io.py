@@ -36,6 +36,7 @@ __all__ = [
     "atomic_folder",
     "check_output_folder",
     "read_yaml",
+    "save_figure",
     "write_bytes_atomic",
     "write_json_atomic",
     "write_text_atomic",
@@ -117,6 +118,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG, atomically (temp file, then rename); parents are made."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def read_yaml(path: Path, *, what: str = "file") -> Any:

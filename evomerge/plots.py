@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.io import atomic_file
+from evomerge.io import save_figure
 from evomerge import record
 from evomerge.pareto import best_mean
 
@@ -88,17 +88,6 @@ def coefficient_matrix(space: Any, params: dict[str, float]) -> tuple[list[str],
     if not rows:
         return [], None
     return list(rows), np.vstack(list(rows.values()))
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure as a PNG, atomically (temp file, then rename); parents are made."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def attach_to_study(run_dir: Path, study: Any, paths: Sequence[Path]) -> None:

@@ -12,9 +12,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Optional, Protocol
 
+from evomerge._imports import load_object
 from evomerge.errors import ConfigError
 from evomerge.worker import Job, JobResult, WorkerSpec
 
@@ -56,8 +56,4 @@ def build_executor(config: Any, spec: WorkerSpec, *, workers: Optional[int] = No
         raise ConfigError(f"executor.{validation_message(exc)}") from None
     except ValueError as exc:
         raise ConfigError(f"executor.{exc}") from None
-    cls = EXECUTORS[cfg.kind].executor
-    if isinstance(cls, str):
-        module, _, name = cls.partition(":")
-        cls = getattr(importlib.import_module(module), name)
-    return cls(spec, workers=workers or cfg.workers, **{**cfg.options(), **options})
+    return load_object(EXECUTORS[cfg.kind].executor)(spec, workers=workers or cfg.workers, **{**cfg.options(), **options})

@@ -105,7 +105,7 @@ class Search:
         """Drive the search until the budget (COMPLETE + PRUNED trials, or wall time) is spent."""
         from evomerge.run.driver import Driver
         from evomerge.run.lease import Lease
-        from evomerge.status import grouped_errors
+        from evomerge.run.report import grouped_errors, summary
 
         budget = trials if trials is not None else self.config.budget.trials
         timeout = timeout if timeout is not None else self.config.budget.timeout
@@ -131,8 +131,6 @@ class Search:
                     executor.shutdown()
             front = archive.sync(study.get_trials(deepcopy=False))
         self.save_plots(study, front)
-        from evomerge.status import summary
-
         out = summary(self.handle, study, archive, elapsed=state.elapsed)
         out["stopped"] = state.stopped
         out["errors"] = grouped_errors(state.errors)
