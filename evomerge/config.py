@@ -43,6 +43,7 @@ class EvaluatorConfigBase(_Strict):
     description: Optional[str] = None
     limit: Optional[Limit] = None  # default subset for every call: a count or a fraction in (0, 1]
     seed: int = 1234  # fixes which examples a limit keeps
+    split: Optional[str] = None  # the data split scored (a search names one per evaluator)
 
     @field_validator("limit")
     @classmethod

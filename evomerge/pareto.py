@@ -23,7 +23,7 @@ import numpy as np
 
 from evomerge import record
 from evomerge.io import write_json_atomic
-from evomerge.optimize.base import Objective
+from evomerge.objective import Objective
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,7 @@ class Run:
     # ------------------------------------------------------------------ what the run is
     @property
     def objectives(self) -> list[Any]:
-        from evomerge.optimize.base import Objective
+        from evomerge.objective import Objective
 
         return [Objective(o.metric, o.direction) for o in self.config.objectives]
 

@@ -6,7 +6,7 @@ scored: those are its scores. A fully scored candidate that the front does not
 dominate is scored once more on the held-out split when an evaluator has one.
 
 Example:
-    >>> from evomerge.optimize.base import Objective
+    >>> from evomerge.objective import Objective
     >>> stages = Stages(screen=Screen(limit=0.2, slack=0.0), holdout=True)
     >>> stages.first()
     ('screen', 0.2)
