@@ -36,8 +36,7 @@ class Closeness:
 
 
 def test_search_runs_on_aligned_sources(tmp_path: Path, monkeypatch) -> None:
-    from evomerge.run.api import Search, create
-from evomerge.run.handle import Run
+    from evomerge.run.api import create
 
     cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)
     (base,) = write_family(tmp_path / "fam", 0, seed=1, cfg=cfg)

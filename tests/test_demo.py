@@ -103,8 +103,7 @@ def test_demo_bad_input_is_one_line(zoo_dir, tmp_path, capsys):
 
 def test_demo_stops_when_its_search_did(zoo_dir, tmp_path, monkeypatch, capsys):
     """A search stopped by failing trials ends the demo there, exit 1, with the cause (no table of nothing)."""
-    from evomerge.run.api import Search, create
-from evomerge.run.handle import Run
+    from evomerge.run.api import Search
 
     def stopped_run(self, **kw):
         return {"n_complete": 0, "n_failed": 10, "pareto": [], "stopped": "10 trials failed in this session, none finished",

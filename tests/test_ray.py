@@ -23,7 +23,6 @@ import yaml
 from evomerge._testing import write_family
 from evomerge.cli import main
 from evomerge.run.api import Search, create
-from evomerge.run.handle import Run
 from tests import _ray_evals
 
 ray = pytest.importorskip("ray")

@@ -88,8 +88,7 @@ def local_sources(data: dict, zoo: Path) -> dict:
 
 
 def test_run_configs_validate(workspace, zoo_dir):
-    from evomerge.run.api import Search, create
-from evomerge.run.handle import Run
+    from evomerge.run.api import create
 
     configs = [(mark, yaml.safe_load(body)) for mark, body in blocks("yaml")]
     configs = [(mark, d) for mark, d in configs if isinstance(d, dict) and "sources" in d and "objectives" in d]
@@ -122,8 +121,7 @@ def test_search_space_recipe_and_evaluator_snippets(workspace, zoo_dir):
 
 def test_python_evaluator_example_searches(workspace, zoo_dir):
     """The README's `my_scores.py` and its run-config snippet, in a real two-trial search."""
-    from evomerge.run.api import Search, create
-from evomerge.run.handle import Run
+    from evomerge.run.api import create
 
     [code] = [body for _, body in blocks("python") if body.startswith("# my_scores.py")]
     (workspace / "my_scores.py").write_text(code)

@@ -23,7 +23,7 @@ from evomerge import record
 from evomerge._testing import write_family
 from evomerge.cli import main
 from evomerge.pareto import ParetoArchive
-from evomerge.run.api import Search, create
+from evomerge.run.api import create
 from evomerge.run.handle import Run
 
 HARNESS = Path(__file__).parent / "_crashable.py"

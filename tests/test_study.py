@@ -16,7 +16,6 @@ from evomerge import record
 from evomerge._testing import write_family
 from evomerge.cli import main
 from evomerge.run.api import Search, create
-from evomerge.run.handle import Run
 from tests._distance_eval import DistanceEvaluator
 
 
