@@ -14,7 +14,7 @@ Example:
     >>> study = optuna.create_study()
     >>> trial = study.ask()
     >>> write(trial, scores={"add/accuracy": 0.5, "add/loss": 2.0}, merge_seconds=0.1)
-    >>> study.tell(trial, 0.5)
+    >>> _ = study.tell(trial, 0.5)
     >>> t = study.trials[0]
     >>> objective_values(t, ["add/loss", "add/accuracy"]), get(t, "merge_seconds")
     ([2.0, 0.5], 0.1)
