@@ -19,12 +19,12 @@ Example (a dataset evaluator)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evomerge._imports import Kind, Registry
 from evomerge.errors import ConfigError, validation_message
 from evomerge.io import read_yaml
 
@@ -138,20 +138,12 @@ class PythonConfig(EvaluatorConfigBase):
 EvaluatorConfig = EvaluatorConfigBase  # any kind's config model
 
 
-@dataclass(frozen=True)
-class EvaluatorKind:
-    """A registry entry: the kind's config model and its class (or ``"module:Class"``, imported when built)."""
-
-    config: type[EvaluatorConfigBase]
-    evaluator: Union[type, str]
-
-
 #: Registry: evaluator kind -> its config model and class. :func:`register_evaluator` adds one.
-EVALUATORS: dict[str, EvaluatorKind] = {
-    "dataset": EvaluatorKind(DatasetConfig, "evomerge.evaluate.dataset:DatasetEvaluator"),
-    "lm_eval": EvaluatorKind(LmEvalConfig, "evomerge.evaluate.lm_harness:LmEvalEvaluator"),
-    "python": EvaluatorKind(PythonConfig, "evomerge.evaluate.function:PythonEvaluator"),
-}
+EVALUATORS = Registry("evaluator", {
+    "dataset": Kind(DatasetConfig, "evomerge.evaluate.dataset:DatasetEvaluator"),
+    "lm_eval": Kind(LmEvalConfig, "evomerge.evaluate.lm_harness:LmEvalEvaluator"),
+    "python": Kind(PythonConfig, "evomerge.evaluate.function:PythonEvaluator"),
+})
 
 
 def register_evaluator(kind: str, config: type[EvaluatorConfigBase], evaluator: Union[type, str]) -> None:
@@ -159,9 +151,7 @@ def register_evaluator(kind: str, config: type[EvaluatorConfigBase], evaluator: 
 
     ``config`` is a subclass of :class:`EvaluatorConfigBase` with ``kind: Literal[KIND]``.
     """
-    if kind in EVALUATORS and EVALUATORS[kind] != EvaluatorKind(config, evaluator):
-        raise ValueError(f"evaluator kind {kind!r} is registered twice")
-    EVALUATORS[kind] = EvaluatorKind(config, evaluator)
+    EVALUATORS.register(kind, config, evaluator)
 
 
 def check_limit(limit: Optional[Limit]) -> Optional[Limit]:

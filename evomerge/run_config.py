@@ -7,12 +7,12 @@ model weight is loaded. See ``examples/search.yaml`` for a commented example.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from evomerge._imports import Kind, Registry
 from evomerge.config import check_limit
 from evomerge.errors import ConfigError, validation_message
 from evomerge.io import read_yaml
@@ -157,26 +157,16 @@ class RayExecutorConfig(ExecutorConfig):
         }
 
 
-@dataclass(frozen=True)
-class ExecutorKind:
-    """A registry entry: the kind's config model and its class (or ``"module:Class"``, imported when used)."""
-
-    config: type[ExecutorConfig]
-    executor: Union[type, str]
-
-
 #: Registry: executor kind -> its config model and class. :func:`register_executor` adds one.
-EXECUTORS: Dict[str, ExecutorKind] = {
-    "serial": ExecutorKind(ExecutorConfig, "evomerge.execute.serial:SerialExecutor"),
-    "ray": ExecutorKind(RayExecutorConfig, "evomerge.execute.ray:RayExecutor"),
-}
+EXECUTORS = Registry("executor", {
+    "serial": Kind(ExecutorConfig, "evomerge.execute.serial:SerialExecutor"),
+    "ray": Kind(RayExecutorConfig, "evomerge.execute.ray:RayExecutor"),
+})
 
 
 def register_executor(kind: str, config: type[ExecutorConfig], executor: Union[type, str]) -> None:
     """Make ``executor: {kind: KIND, ...}`` mean this class, its fields checked by ``config``."""
-    if kind in EXECUTORS and EXECUTORS[kind] != ExecutorKind(config, executor):
-        raise ValueError(f"executor kind {kind!r} is registered twice")
-    EXECUTORS[kind] = ExecutorKind(config, executor)
+    EXECUTORS.register(kind, config, executor)
 
 
 def executor_config(data: Any) -> ExecutorConfig:
@@ -194,7 +184,7 @@ class RunConfig(_Strict):
     name: Optional[str] = None
     sources: SourcesConfig
     search_space: Union[str, Dict[str, Any]]
-    evaluators: List[EvaluatorRef]
+    evaluators: List[EvaluatorRef] = Field(default_factory=list)  # may be empty when a script passes evaluator objects
     objectives: List[ObjectiveConfig]
     scalarization: Optional[ScalarizationConfig] = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -216,7 +206,7 @@ class RunConfig(_Strict):
     def _folder_name(cls, v: Optional[str]) -> Optional[str]:
         return None if v is None else check_run_name(v)
 
-    @field_validator("evaluators", "objectives")
+    @field_validator("objectives")
     @classmethod
     def _nonempty(cls, v: list) -> list:
         if not v:

@@ -393,29 +393,24 @@ class _WorkerPool:
 
 
 class _Bar:
-    """A rich progress bar per model (steps), or nothing."""
+    """One progress task per model (training steps), reported as evomerge.progress events."""
 
     def __init__(self, enabled: bool, tasks: list[tuple[str, int]]):
-        self.enabled = enabled
-        self.tasks = tasks
-        self.ids: dict[str, Any] = {}
+        from evomerge.progress import task
+
+        self.tasks = {name: task(name, steps, enabled=enabled) for name, steps in tasks}
 
     def __enter__(self) -> "_Bar":
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
-            self.progress.__enter__()
-            self.ids = {name: self.progress.add_task(name, total=steps) for name, steps in self.tasks}
+        for t in self.tasks.values():
+            t.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.__exit__(*exc)
+        for t in self.tasks.values():
+            t.__exit__(*exc)
 
     def advance(self, name: str, n: int) -> None:
-        if self.enabled:
-            self.progress.update(self.ids[name], completed=n)
+        self.tasks[name].advance(n)
 
 
 

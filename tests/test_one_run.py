@@ -347,3 +347,32 @@ def test_kinds_registered_from_outside_run_through_a_search_and_status(family, t
     finally:
         EVALUATORS.pop("weight_norm", None)
         OPTIMIZERS.pop("outside_qmc", None)
+
+
+# ---------------------------------------------------------------------------- a script's own parts
+def test_a_script_passes_its_own_space_evaluator_and_optimizer(family, tmp_path):
+    """search() and resume() take objects, as an Optuna study takes a sampler: no YAML file of the script's own."""
+    from evomerge.optimize import Objective, build_optimizer
+    from evomerge.run import resume, search
+    from evomerge.space import SearchSpace
+    from tests._distance_eval import DistanceEvaluator
+
+    config = {
+        "sources": {"base_model": str(family[0]), "models": [str(family[1]), str(family[2])]},
+        "search_space": "task_arithmetic_global",
+        "objectives": [{"metric": "closeness/ft0"}, {"metric": "closeness/ft1"}],
+        "budget": {"trials": 4},
+    }
+    objectives = [Objective("closeness/ft0", "maximize"), Objective("closeness/ft1", "maximize")]
+
+    def parts():
+        space = SearchSpace.from_yaml("task_arithmetic_global", base_model=str(family[0]), models=[str(family[1]), str(family[2])], num_layers=2)
+        return dict(space=space, evaluators=[DistanceEvaluator({"ft0": family[1], "ft1": family[2]})],
+                    optimizer=build_optimizer("tpe", space.distributions(), objectives, seed=3))
+
+    summary = search(config, runs_dir=tmp_path / "runs", name="scripted", progress=False, **parts())
+    assert summary["n_complete"] == 4 and summary["pareto"]
+    summary = resume(tmp_path / "runs" / "scripted", trials=6, progress=False, **parts())
+    assert summary["n_complete"] == 6
+    with pytest.raises(Exception, match="evaluators: at least one entry is needed"):
+        resume(tmp_path / "runs" / "scripted", trials=7, progress=False)  # the objects are the script's to pass again

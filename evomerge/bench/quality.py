@@ -213,24 +213,19 @@ def _mean(scores: dict[str, float]) -> float:
 
 
 class _bar:
-    """A rich progress bar, or nothing."""
+    """A progress task of ``total`` steps, reported as evomerge.progress events."""
 
     def __init__(self, enabled: bool, total: int, label: str):
-        self._p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from evomerge.progress import task
 
-            self._p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-            self._p.start()
-            self._task = self._p.add_task(label, total=total)
+        self._task, self._done = task(label, total, enabled=enabled).__enter__(), 0
 
     def advance(self) -> None:
-        if self._p is not None:
-            self._p.advance(self._task)
+        self._done += 1
+        self._task.advance(self._done)
 
     def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()
+        self._task.__exit__(None, None, None)
 
 
 # ----------------------------------------------------------------------------- benchmark

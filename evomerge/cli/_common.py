@@ -8,8 +8,15 @@ from typing import Any, Optional, Union
 from evomerge.errors import ConfigError
 
 
+def executor_kinds() -> list[str]:
+    """The registered executor kinds (run_config.EXECUTORS: pydantic only, no executor imported)."""
+    from evomerge.run_config import EXECUTORS
+
+    return sorted(EXECUTORS)
+
+
 def _add_executor_options(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--executor", choices=["serial", "ray"], help=f"where candidates run (default: {default})")
+    p.add_argument("--executor", choices=executor_kinds(), help=f"where candidates run (default: {default})")
     p.add_argument("--cpus-per-worker", type=float, help="Ray: CPUs per worker, fractions allowed; torch threads = floor (default: CPUs / workers)")
     p.add_argument("--gpus-per-worker", type=float, help="Ray: GPUs per worker, fractions allowed (workers then share a GPU)")
     p.add_argument("--ray-address", help="Ray: join this cluster (HOST:PORT, auto, ray://...) instead of starting a local one")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from evomerge.cli._common import _alpha_grid, _ints, _names
+from evomerge.cli._common import executor_kinds, _alpha_grid, _ints, _names
 from evomerge.errors import ConfigError
 
 
@@ -92,7 +92,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--skills", default="reverse,count", help="zoo skills merged, comma-separated (default: reverse,count)")
     qu.add_argument("--optimizers", default="nsga2,cma", help="one search per optimizer, comma-separated (default: nsga2,cma)")
     qu.add_argument("--trials", type=int, default=100, help="trials per search (default: 100)")
-    qu.add_argument("--executor", choices=["serial", "ray"], default="serial", help="where candidates run (default: serial)")
+    qu.add_argument("--executor", choices=executor_kinds(), default="serial", help="where candidates run (default: serial)")
     qu.add_argument("--workers", type=int, default=1, help="parallel workers of each search (default: 1)")
     qu.add_argument("--seed", type=int, default=0, help="seed of every search (default: 0)")
     qu.add_argument("--runs-dir", type=Path, default=None, help="keep the searches' run folders here (default: a temp folder)")

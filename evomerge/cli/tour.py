@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from evomerge.cli._common import _names
+from evomerge.cli._common import executor_kinds, _names
 from evomerge.errors import ConfigError
 
 
@@ -69,7 +69,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--trials", type=int, default=100, help="search budget in trials (default: 100)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers evaluating candidates in parallel (default: 2)")
-    p.add_argument("--executor", choices=["ray", "serial"], help="where candidates run (default: ray; a continued run keeps its own)")
+    p.add_argument("--executor", choices=executor_kinds(), help="where candidates run (default: ray; a continued run keeps its own)")
     p.add_argument("--optimizer", default="nsga2", help="optimizer of the search: nsga2, cma, tpe, ... (default: nsga2)")
     p.add_argument("--skills", default="reverse,count", help="the two (or more) zoo skills to merge (default: reverse,count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the search (default: 0)")

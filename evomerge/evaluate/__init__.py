@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from evomerge._imports import load_object
 from evomerge.config import EVALUATORS, EvaluatorConfig, EvaluatorConfigBase, Limit, load_evaluator_config, register_evaluator
 from evomerge.errors import ConfigError
 from evomerge.evaluate.base import Evaluator, subset_indices
@@ -65,10 +64,9 @@ def build_evaluator(source: Union[str, Path, dict, EvaluatorConfig], *, split: O
         path = resolve_preset(source, "evaluators")
         config, base = load_evaluator_config(path, **overrides)
         where = str(path)
-    entry = EVALUATORS.get(config.kind)
-    if entry is None:  # pragma: no cover - config parsing already refuses unknown kinds
+    if config.kind not in EVALUATORS:  # pragma: no cover - config parsing already refuses unknown kinds
         raise ConfigError(f"{where}: unknown evaluator kind {config.kind!r}")
-    return load_object(entry.evaluator)(config, base, where)
+    return EVALUATORS.load(config.kind)(config, base, where)
 
 
 def evaluate(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Protocol
 
-from evomerge._imports import load_object
 from evomerge.errors import ConfigError
 from evomerge.worker import Job, JobResult, WorkerSpec
 
@@ -56,4 +55,4 @@ def build_executor(config: Any, spec: WorkerSpec, *, workers: Optional[int] = No
         raise ConfigError(f"executor.{validation_message(exc)}") from None
     except ValueError as exc:
         raise ConfigError(f"executor.{exc}") from None
-    return load_object(EXECUTORS[cfg.kind].executor)(spec, workers=workers or cfg.workers, **{**cfg.options(), **options})
+    return EXECUTORS.load(cfg.kind)(spec, workers=workers or cfg.workers, **{**cfg.options(), **options})
