@@ -37,13 +37,29 @@ def family(tmp_path_factory) -> list[Path]:
     return write_family(tmp_path_factory.mktemp("fam"), 2, seed=31)
 
 
-@pytest.fixture
-def distance(monkeypatch, family):
+def _use_distance(monkeypatch, family) -> None:
+    """In this process, evaluators are the weight-distance one (the harness patches its own)."""
     import evomerge.evaluate
     from tests._distance_eval import DistanceEvaluator
 
     build = lambda preset, split="validation", **o: DistanceEvaluator({"ft0": family[1], "ft1": family[2]})  # noqa: E731
     monkeypatch.setattr(evomerge.evaluate, "build_evaluator", build, raising=False)
+
+
+@pytest.fixture
+def distance(monkeypatch, family):
+    _use_distance(monkeypatch, family)
+
+
+@pytest.fixture(scope="module")
+def reference(family, tmp_path_factory):
+    """The CMA search of acceptance 1, uninterrupted: once for both storages."""
+    tmp = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        _use_distance(mp, family)
+        ref = create(write_config(family, tmp / "whole.yaml"), runs_dir=tmp / "runs")
+        ref.run(progress=False)
+    return ref
 
 
 def write_config(family, path: Path, **changes) -> Path:
@@ -108,7 +124,7 @@ def front_folder(run_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------- acceptance 1
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_cma_killed_mid_generation_resumes_from_an_empty_runs_dir_with_url_and_name(family, tmp_path, monkeypatch, distance, backend):
+def test_cma_killed_mid_generation_resumes_from_an_empty_runs_dir_with_url_and_name(family, tmp_path, reference, backend):
     if backend == "postgresql":
         from tests._postgres import postgres_server
 
@@ -118,9 +134,7 @@ def test_cma_killed_mid_generation_resumes_from_an_empty_runs_dir_with_url_and_n
 
         server = contextlib.nullcontext(f"sqlite:///{tmp_path / 'studies.db'}")
     with server as url:
-        # The reference: the same config and seed, uninterrupted (another study in the same storage).
-        ref = create(write_config(family, tmp_path / "whole.yaml"), runs_dir=tmp_path / "ref_runs", storage=url)
-        ref.run(progress=False)
+        ref = reference  # the same config and seed, uninterrupted
         # The same search in a subprocess, killed with SIGKILL in the middle of generation 1.
         env = harness_env(tmp_path, family)
         cmd = [sys.executable, str(HARNESS), "search", str(write_config(family, tmp_path / "cut.yaml")), "--runs-dir", str(tmp_path / "here"), "--storage", url, "--json"]
@@ -228,12 +242,10 @@ def test_help_answers_in_under_a_second():
 
 
 # ---------------------------------------------------------------------------- acceptance 3
-def test_one_driver_at_a_time_and_a_dead_one_is_taken_over(family, tmp_path):
+def test_one_driver_at_a_time_and_a_dead_one_is_taken_over(family, tmp_path, distance):
     env = harness_env(tmp_path, family)
     cfg = write_config(family, tmp_path / "l.yaml", optimizer={"name": "random"}, scalarization=None, search_space="task_arithmetic_global", budget={"trials": 1})
-    first = subprocess.run([sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"], env=env, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
-    run_dir = tmp_path / "runs" / "l"
+    run_dir = create(cfg, runs_dir=tmp_path / "runs").run_dir
     resume = [sys.executable, str(HARNESS), "resume", str(run_dir), "--json"]
     a = subprocess.Popen(resume + ["--trials", "200"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
