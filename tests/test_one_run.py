@@ -161,6 +161,8 @@ def test_cma_killed_mid_generation_resumes_from_an_empty_runs_dir_with_url_and_n
         for key in a:
             assert a[key][0] == pytest.approx(b[key][0], abs=1e-12), key
             assert a[key][1] == pytest.approx(b[key][1], abs=1e-12), key
+        out = subprocess.run(EVOMERGE + ["status", "--storage", url, "--study", "cut", "--json"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and json.loads(out.stdout)["n_complete"] == 13, out.stderr  # no folder needed at all
         fa, fb = front_folder(ref.run_dir), front_folder(other / "cut")
         assert set(fa) == set(fb) and fa
         for key in fa:
