@@ -23,7 +23,9 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/evomerge demo
 
+# The layers and no-cycles contracts (pyproject.toml, [tool.importlinter]) first: seconds.
 test: install
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 bench: install

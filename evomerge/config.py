@@ -22,10 +22,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evomerge._imports import Kind, Registry
 from evomerge.errors import ConfigError, validation_message
+from evomerge.io import read_yaml
 
 Direction = Literal["maximize", "minimize"]
 Limit = Union[int, float]
@@ -35,11 +36,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class _EvaluatorBase(_Strict):
+class EvaluatorConfigBase(_Strict):
+    """Fields every evaluator kind has; a kind's model adds ``kind: Literal["..."]`` and its own."""
+
     name: Optional[str] = None  # default: the file's stem
     description: Optional[str] = None
     limit: Optional[Limit] = None  # default subset for every call: a count or a fraction in (0, 1]
     seed: int = 1234  # fixes which examples a limit keeps
+    split: Optional[str] = None  # the data split scored (a search names one per evaluator)
 
     @field_validator("limit")
     @classmethod
@@ -47,7 +51,7 @@ class _EvaluatorBase(_Strict):
         return check_limit(v)
 
 
-class DatasetConfig(_EvaluatorBase):
+class DatasetConfig(EvaluatorConfigBase):
     """A Hugging Face ``datasets`` dataset scored in batches.
 
     ``path`` is a builder (``json``, ``csv``, ``parquet``), a local folder or a hub
@@ -74,7 +78,7 @@ class DatasetConfig(_EvaluatorBase):
     add_special_tokens: bool = True
 
 
-class LmEvalConfig(_EvaluatorBase):
+class LmEvalConfig(EvaluatorConfigBase):
     """lm-evaluation-harness tasks run on the live model through lm-eval's HF wrapper."""
 
     kind: Literal["lm_eval"]
@@ -105,7 +109,7 @@ class LmEvalConfig(_EvaluatorBase):
         return [v] if isinstance(v, str) else v
 
 
-class PythonConfig(_EvaluatorBase):
+class PythonConfig(EvaluatorConfigBase):
     """A function ``module:function`` (or ``file.py:function``) given the model and tokenizer."""
 
     kind: Literal["python"]
@@ -131,9 +135,23 @@ class PythonConfig(_EvaluatorBase):
         return v
 
 
-EvaluatorConfig = Union[DatasetConfig, LmEvalConfig, PythonConfig]
-CONFIG_CLASSES: dict[str, type[_EvaluatorBase]] = {"dataset": DatasetConfig, "lm_eval": LmEvalConfig, "python": PythonConfig}
-KINDS = tuple(CONFIG_CLASSES)
+EvaluatorConfig = EvaluatorConfigBase  # any kind's config model
+
+
+#: Registry: evaluator kind -> its config model and class. :func:`register_evaluator` adds one.
+EVALUATORS = Registry("evaluator", {
+    "dataset": Kind(DatasetConfig, "evomerge.evaluate.dataset:DatasetEvaluator"),
+    "lm_eval": Kind(LmEvalConfig, "evomerge.evaluate.lm_harness:LmEvalEvaluator"),
+    "python": Kind(PythonConfig, "evomerge.evaluate.function:PythonEvaluator"),
+})
+
+
+def register_evaluator(kind: str, config: type[EvaluatorConfigBase], evaluator: Union[type, str]) -> None:
+    """Make evaluator files with ``kind: KIND`` build ``evaluator(config, base_dir, where)``.
+
+    ``config`` is a subclass of :class:`EvaluatorConfigBase` with ``kind: Literal[KIND]``.
+    """
+    EVALUATORS.register(kind, config, evaluator)
 
 
 def check_limit(limit: Optional[Limit]) -> Optional[Limit]:
@@ -165,13 +183,7 @@ def load_evaluator_config(source: Union[str, Path, dict], *, where: Optional[str
     else:
         path = Path(source)
         where = where or str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError:
-            raise ConfigError(f"evaluator file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise ConfigError(f"{where}: malformed YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+        data = read_yaml(path, what="evaluator file")
         base = path.resolve().parent
         if isinstance(data, dict):
             data.setdefault("name", path.stem)
@@ -179,10 +191,10 @@ def load_evaluator_config(source: Union[str, Path, dict], *, where: Optional[str
         raise ConfigError(f"{where}: expected a mapping")
     data.update({k: v for k, v in overrides.items() if v is not None})
     kind = data.get("kind")
-    if kind not in KINDS:
-        raise ConfigError(f"{where}: kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in EVALUATORS:
+        raise ConfigError(f"{where}: kind: expected one of {', '.join(EVALUATORS)}, got {kind!r}")
     try:
-        cfg = CONFIG_CLASSES[kind].model_validate(data)
+        cfg = EVALUATORS[kind].config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {validation_message(exc)}") from None
     if cfg.name is None:

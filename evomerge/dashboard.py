@@ -16,9 +16,9 @@ def dashboard(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, stora
     from optuna_dashboard import run_server
 
     from evomerge.plots import ARTIFACTS
-    from evomerge.study import SearchRun
+    from evomerge.run.handle import Run
 
-    run = SearchRun.open(run_dir, storage=storage)
+    run = Run.open(run_dir, storage=storage)  # the storage and the folder only: no model, no GPU
     _check_listen(host, port)
     store_dir = Path(run.run_dir) / ARTIFACTS
     store_dir.mkdir(exist_ok=True)

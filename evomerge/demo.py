@@ -34,6 +34,7 @@ from evomerge.bench.quality import (
     write_config,
 )
 from evomerge.errors import ConfigError, SearchStopped
+from evomerge.io import write_text_atomic
 
 RUN_NAME = "demo"
 
@@ -52,7 +53,8 @@ def demo(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the demo; returns the quality table (as ``bench quality`` does) plus the run's paths."""
-    from evomerge.study import CONFIG_NAME, SearchRun
+    from evomerge.run.api import create, open_search
+    from evomerge.run.handle import CONFIG_NAME
     from evomerge.zoo import zoo
 
     if trials < 1 or workers < 1:
@@ -70,7 +72,7 @@ def demo(
         shutil.rmtree(run_dir)
     if (run_dir / CONFIG_NAME).is_file():
         say(f"[2/4] search: continuing {run_dir} up to {trials} trials (--fresh starts over)")
-        run = SearchRun.open(run_dir)
+        run = open_search(run_dir)
         _check_same_zoo(run, z)
     else:
         say(f"[2/4] search: {optimizer} over {len(skills)} objectives ({', '.join(f'{s}/accuracy' for s in skills)}), "
@@ -78,7 +80,7 @@ def demo(
         data = search_config(z, skills, optimizer=optimizer, trials=trials, workers=workers, executor=executor or "ray", seed=seed)
         path = write_config(data, Path(runs_dir), RUN_NAME)
         try:
-            run = SearchRun.create(path, runs_dir=Path(runs_dir), name=RUN_NAME)
+            run = create(path, runs_dir=Path(runs_dir), name=RUN_NAME)
         finally:
             path.unlink()
     if executor is not None:  # a continued run keeps its executor unless told
@@ -96,9 +98,9 @@ def demo(
     rows.extend(searched_rows(run_dir, skills, "searched"))
     result = quality_table(rows, skills)
     result.update(run_dir=str(run_dir), zoo=str(z.root), trials=trials, n_complete=summary["n_complete"], optimizer=run.config.optimizer.name)
-    _write_text(run_dir / "quality.json", json.dumps(result, indent=2))
+    write_text_atomic(run_dir / "quality.json", json.dumps(result, indent=2))
     table = format_table(result)
-    _write_text(run_dir / "quality.txt", table + "\n")
+    write_text_atomic(run_dir / "quality.txt", table + "\n")
     say("")
     say(table)
     say(_verdict(result))
@@ -106,7 +108,7 @@ def demo(
     say("[4/4] the run folder")
     from evomerge.status import format_status, status
 
-    _write_text(run_dir / "status.txt", format_status(status(run_dir)) + "\n")
+    write_text_atomic(run_dir / "status.txt", format_status(status(run_dir)) + "\n")
     best = next((r for r in rows if r["name"] == "searched: best mean"), None)
     if best is not None and best.get("path"):
         result["loaded"] = _load(Path(best["path"]))
@@ -136,7 +138,7 @@ def _baselines(run_dir: Path, z: Any, skills: Sequence[str], quiet: bool) -> lis
         if saved.get("key") == key:
             return saved["rows"]
     rows = baseline_rows(z, skills, progress=not quiet)
-    _write_text(cache, json.dumps({"key": key, "rows": rows}, indent=2))
+    write_text_atomic(cache, json.dumps({"key": key, "rows": rows}, indent=2))
     return rows
 
 
@@ -162,8 +164,3 @@ def _load(folder: Path) -> str:
     AutoTokenizer.from_pretrained(folder)
     return f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters"
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

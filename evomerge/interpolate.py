@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 from evomerge._paths import check_file_target
 from evomerge.align.models import Endpoint, ModelRef, blend, check_alignable, load_into
 from evomerge.errors import ConfigError
-from evomerge.plots import save_figure
+from evomerge.io import save_figure
 from evomerge.sources import check_tokenizer
 
 

@@ -13,7 +13,6 @@ trials with exactly the same objective values only the earliest is kept.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,12 +21,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from evomerge.optimize.base import Objective
-
-OBJECTIVES_ATTR = "objective_values"  # per-objective values of a trial (user attr)
-SCORES_ATTR = "scores"  # every metric the evaluators returned
-HOLDOUT_ATTR = "holdout_scores"
-RECIPE_ATTR = "recipe"
+from evomerge import record
+from evomerge.io import write_json_atomic
+from evomerge.objective import Objective, dominated_by_front, losses
 
 
 @dataclass(frozen=True)
@@ -41,13 +37,6 @@ class Constraint:
         if v is None:
             return False
         return (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
-
-
-def losses(values: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> np.ndarray:
-    """Objective values turned into losses (maximized objectives negated)."""
-    signs = np.array([-1.0 if o.direction == "maximize" else 1.0 for o in objectives])
-    arr = np.asarray(values, dtype=float).reshape(-1, len(objectives))
-    return arr * signs
 
 
 def front_indices(values: Sequence[Sequence[float]], objectives: Sequence[Objective]) -> list[int]:
@@ -66,18 +55,6 @@ def front_indices(values: Sequence[Sequence[float]], objectives: Sequence[Object
             seen.add(key)
             out.append(int(i))
     return out
-
-
-def dominated_by_front(point: Sequence[float], front: Sequence[Sequence[float]], objectives: Sequence[Objective], slack: float = 0.0) -> bool:
-    """True when some front member beats ``point`` by more than ``slack`` in every objective
-    (weakly in all, strictly in one, when slack is 0)."""
-    if not len(front):
-        return False
-    p = losses([point], objectives)[0]
-    f = losses(front, objectives)
-    if slack > 0:
-        return bool(np.any(np.all(f < p - slack, axis=1)))
-    return bool(np.any(np.all(f <= p, axis=1) & np.any(f < p, axis=1)))
 
 
 def hypervolume(points: Sequence[Sequence[float]], objectives: Sequence[Objective], reference: Sequence[float]) -> float:
@@ -99,7 +76,7 @@ def best_mean(front: Sequence[Any], objectives: Sequence[Objective]) -> Any:
     if not front:
         return None
     signs = np.array([1.0 if o.direction == "maximize" else -1.0 for o in objectives])
-    return max(front, key=lambda t: float(np.mean(np.array(t.user_attrs[OBJECTIVES_ATTR]) * signs)))
+    return max(front, key=lambda t: float(np.mean(np.array(record.objective_values(t, objectives)) * signs)))
 
 
 class ParetoArchive:
@@ -125,15 +102,15 @@ class ParetoArchive:
 
         out = []
         for t in trials:
-            if t.state != TrialState.COMPLETE or OBJECTIVES_ATTR not in t.user_attrs:
+            if t.state != TrialState.COMPLETE or record.objective_values(t, self.objectives) is None:
                 continue
-            if all(c.ok(t.user_attrs.get(SCORES_ATTR, {})) for c in self.constraints):
+            if all(c.ok(record.get(t, "scores") or {}) for c in self.constraints):
                 out.append(t)
         return out
 
     def front(self, trials: Sequence[Any]) -> list[Any]:
         done = sorted(self.eligible(trials), key=lambda t: t.number)
-        idx = front_indices([t.user_attrs[OBJECTIVES_ATTR] for t in done], self.objectives)
+        idx = front_indices([record.objective_values(t, self.objectives) for t in done], self.objectives)
         return [done[i] for i in idx]
 
     def sync(self, trials: Sequence[Any], *, holdout: Optional[dict[int, dict]] = None) -> list[Any]:
@@ -145,39 +122,54 @@ class ParetoArchive:
             for t in front:
                 folder = self.dir / str(t.number)
                 if not folder.is_dir():
-                    self.write_model(t.user_attrs[RECIPE_ATTR], folder)
+                    self.write_model(record.get(t, "recipe"), folder)
+        from optuna.trial import TrialState
+
+        running = {t.number for t in trials if t.state == TrialState.RUNNING}
         for entry in self.dir.iterdir():
             if entry.name.startswith("."):
-                if ".tmp-" in entry.name or entry.name.startswith(".trash-"):
-                    shutil.rmtree(entry, ignore_errors=True)  # leftovers of an interrupted write
+                if entry.name.startswith(".trash-") or _abandoned(entry.name):
+                    shutil.rmtree(entry, ignore_errors=True)  # leftovers of an interrupted removal or write
                 continue
+            if entry.name.isdigit() and int(entry.name) in running:
+                continue  # a worker wrote it before its result was told
             if not entry.name.isdigit() or int(entry.name) not in numbers:
                 trash = self.dir / f".trash-{entry.name}"
                 os.replace(entry, trash)
                 shutil.rmtree(trash, ignore_errors=True)
         members = []
         for t in front:
-            held = (holdout or {}).get(t.number) or t.user_attrs.get(HOLDOUT_ATTR)
+            held = (holdout or {}).get(t.number) or record.get(t, "holdout_scores")
             members.append(
                 {
                     "trial": t.number,
-                    "values": dict(zip([o.metric for o in self.objectives], t.user_attrs[OBJECTIVES_ATTR])),
+                    "values": dict(zip([o.metric for o in self.objectives], record.objective_values(t, self.objectives))),
                     "holdout_values": _objective_dict(held, self.objectives) if held else None,
-                    "scores": t.user_attrs.get(SCORES_ATTR),
+                    "scores": record.get(t, "scores"),
                     "holdout_scores": held,
-                    "recipe": t.user_attrs.get(RECIPE_ATTR),
-                    "path": str(self.dir / str(t.number)) if self.write_model is not None else None,
+                    "recipe": record.get(t, "recipe"),
+                    "path": str(self.dir / str(t.number)) if (self.dir / str(t.number)).is_dir() else None,
                 }
             )
         write_json_atomic(self.json_path, {"objectives": [o.__dict__ for o in self.objectives], "members": members})
         return front
 
 
+def _abandoned(name: str) -> bool:
+    """A ``.<n>.tmp-<pid>`` folder whose writer is no longer running on this machine
+    (a worker writing right now keeps its folder; one killed mid-write does not)."""
+    pid = name.rsplit(".tmp-", 1)[-1] if ".tmp-" in name else ""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def _objective_dict(scores: dict, objectives: Sequence[Objective]) -> dict:
     return {o.metric: scores.get(o.metric) for o in objectives}
 
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -14,27 +14,31 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from evomerge.pareto import OBJECTIVES_ATTR, best_mean
+from evomerge.io import save_figure
+from evomerge import record
+from evomerge.pareto import best_mean
 
 ARTIFACTS = "artifacts"
 
 
-def save_plots(run: Any, study: Any, front: Sequence[Any]) -> list[Path]:
+def save_plots(run: Any, study: Any, front: Sequence[Any], *, space: Any = None) -> list[Path]:
+    """The three PNGs of a run (a :class:`~evomerge.run.handle.Run`); ``space`` defaults to the run's."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
     from optuna.trial import TrialState
 
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and OBJECTIVES_ATTR in t.user_attrs]
+    objectives = run.objectives
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and record.objective_values(t, objectives) is not None]
     if not done:
         return []
-    names = [o.metric for o in run.objectives]
+    names = [o.metric for o in objectives]
     paths = []
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    vals = np.array([t.user_attrs[OBJECTIVES_ATTR] for t in done], dtype=float)
-    fvals = np.array([t.user_attrs[OBJECTIVES_ATTR] for t in front], dtype=float).reshape(-1, len(names))
+    vals = np.array([record.objective_values(t, objectives) for t in done], dtype=float)
+    fvals = np.array([record.objective_values(t, objectives) for t in front], dtype=float).reshape(-1, len(names))
     if len(names) >= 2:
         ax.scatter(vals[:, 0], vals[:, 1], s=14, c="#9aa5b1", label="trials")
         order = np.argsort(fvals[:, 0])
@@ -51,15 +55,15 @@ def save_plots(run: Any, study: Any, front: Sequence[Any]) -> list[Path]:
     paths.append(save_figure(fig, run.run_dir / "pareto_front.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    hv = [(t.number, t.user_attrs.get("hypervolume", 0.0)) for t in done]
+    hv = [(t.number, record.get(t, "hypervolume", 0.0)) for t in done]
     ax.step([n for n, _ in hv], np.maximum.accumulate([h for _, h in hv]), where="post", c="#2e86ab")
     ax.set_xlabel("trial")
     ax.set_ylabel("hypervolume")
     ax.set_title(f"{run.name}: hypervolume over trials")
     paths.append(save_figure(fig, run.run_dir / "hypervolume.png"))
 
-    best = best_mean(front, run.objectives)
-    rows, matrix = coefficient_matrix(run.space, best.params) if best is not None else ([], None)
+    best = best_mean(front, objectives)
+    rows, matrix = coefficient_matrix(space or run.space(), best.params) if best is not None else ([], None)
     if matrix is not None and len(rows):
         fig, ax = plt.subplots(figsize=(max(5, 0.45 * matrix.shape[1] + 3), 0.35 * len(rows) + 1.8))
         im = ax.imshow(matrix, aspect="auto", cmap="viridis")
@@ -84,19 +88,6 @@ def coefficient_matrix(space: Any, params: dict[str, float]) -> tuple[list[str],
     if not rows:
         return [], None
     return list(rows), np.vstack(list(rows.values()))
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure as a PNG, atomically (temp file, then rename); parents are made."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
 
 
 def attach_to_study(run_dir: Path, study: Any, paths: Sequence[Path]) -> None:

@@ -10,11 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from evomerge._imports import Kind, Registry
 from evomerge.config import check_limit
+from evomerge.units import parse_bytes
 from evomerge.errors import ConfigError, validation_message
+from evomerge.io import read_yaml
+
+
+#: Learned refinement of an alignment (evomerge.align.refine): its blends and default learning rate.
+REFINE_BLENDS = ("midpoint", "path", "layerwise")
+DEFAULT_REFINE_LR = 3e-3
 
 
 class _Strict(BaseModel):
@@ -36,7 +43,7 @@ class AlignSourcesConfig(_Strict):
     data: Optional[str] = None  # evaluator preset or .jsonl/text file for activation statistics
     to: Literal["base", "first"] = "base"
     refine: int = Field(default=0, ge=0, strict=True)  # steps of learned refinement after the matching (needs data)
-    refine_blend: Literal["midpoint", "path", "layerwise"] = "layerwise"  # the merges refinement is trained on
+    refine_blend: Literal[REFINE_BLENDS] = "layerwise"  # type: ignore[valid-type]  # the merges refinement is trained on
     originals: Optional[Dict[str, str]] = None  # set by evomerge: aligned folder -> the source it replaces
 
 
@@ -88,7 +95,7 @@ class OptimizerConfig(_Strict):
 
 class BudgetConfig(_Strict):
     trials: Optional[int] = Field(default=None, ge=1)
-    timeout: Optional[float] = Field(default=None, gt=0)
+    timeout: Optional[float] = Field(default=None, gt=0, description="seconds")
 
     @model_validator(mode="after")
     def _some_budget(self) -> "BudgetConfig":
@@ -124,16 +131,24 @@ class ConstraintConfig(_Strict):
 
 
 class ExecutorConfig(_Strict):
-    kind: Literal["serial", "ray"] = "serial"
+    """What every executor takes; a kind's own model adds its fields (see :data:`EXECUTORS`)."""
+
+    kind: str = "serial"
     workers: int = Field(default=1, ge=1)
-    # Ray only
+
+    def options(self) -> Dict[str, Any]:
+        """Keyword arguments of the executor's class besides the worker spec and ``workers``."""
+        return {}
+
+
+class RayExecutorConfig(ExecutorConfig):
     cpus_per_worker: Optional[float] = Field(default=None, gt=0)
     gpus_per_worker: Optional[float] = Field(default=None, ge=0)
     ray_address: Optional[str] = None
     ray_dashboard: bool = False
     max_retries: int = Field(default=2, ge=0)
 
-    def ray_options(self) -> Dict[str, Any]:
+    def options(self) -> Dict[str, Any]:
         return {
             "cpus_per_worker": self.cpus_per_worker,
             "gpus_per_worker": self.gpus_per_worker,
@@ -143,11 +158,57 @@ class ExecutorConfig(_Strict):
         }
 
 
+#: Registry: executor kind -> its config model and class. :func:`register_executor` adds one.
+EXECUTORS = Registry("executor", {
+    "serial": Kind(ExecutorConfig, "evomerge.execute.serial:SerialExecutor"),
+    "ray": Kind(RayExecutorConfig, "evomerge.execute.ray:RayExecutor"),
+})
+
+
+def register_executor(kind: str, config: type[ExecutorConfig], executor: Union[type, str]) -> None:
+    """Make ``executor: {kind: KIND, ...}`` mean this class, its fields checked by ``config``."""
+    EXECUTORS.register(kind, config, executor)
+
+
+def executor_config(data: Any) -> ExecutorConfig:
+    """The config model of ``data['kind']`` validating ``data`` (pydantic's ValidationError if bad)."""
+    if isinstance(data, ExecutorConfig):
+        return data
+    data = dict(data or {})
+    kind = data.get("kind", "serial")
+    if kind not in EXECUTORS:
+        raise ValueError(f"kind: unknown executor {kind!r} (known: {', '.join(sorted(EXECUTORS))})")
+    return EXECUTORS[kind].config.model_validate(data)
+
+
+class MemoryConfig(_Strict):
+    """The merge's memory budget, live model included: ``device`` on the GPU (default 75%
+    of it), ``host`` when merging on the CPU (default: no limit). Sizes such as 60GB."""
+
+    device: Optional[Union[str, int, float]] = None
+    host: Optional[Union[str, int, float]] = None
+
+    @field_validator("device", "host")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if v is not None:
+            parse_bytes(v, "size")
+        return v
+
+    @property
+    def device_bytes(self) -> Optional[int]:
+        return None if self.device is None else parse_bytes(self.device)
+
+    @property
+    def host_bytes(self) -> Optional[int]:
+        return None if self.host is None else parse_bytes(self.host)
+
+
 class RunConfig(_Strict):
     name: Optional[str] = None
     sources: SourcesConfig
     search_space: Union[str, Dict[str, Any]]
-    evaluators: List[EvaluatorRef]
+    evaluators: List[EvaluatorRef] = Field(default_factory=list)  # may be empty when a script passes evaluator objects
     objectives: List[ObjectiveConfig]
     scalarization: Optional[ScalarizationConfig] = None
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -158,23 +219,32 @@ class RunConfig(_Strict):
     fidelity: Optional[FidelityConfig] = None
     constraints: List[ConstraintConfig] = Field(default_factory=list)
     reference_point: Optional[List[float]] = None
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    executor: SerializeAsAny[ExecutorConfig] = Field(default_factory=ExecutorConfig)
     device: str = "cpu"
     # the live model's dtype and that of written models (recipes' `dtype`); merging computes in float32
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     keep_pareto_models: bool = True
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
 
     @field_validator("name")
     @classmethod
     def _folder_name(cls, v: Optional[str]) -> Optional[str]:
         return None if v is None else check_run_name(v)
 
-    @field_validator("evaluators", "objectives")
+    @field_validator("objectives")
     @classmethod
     def _nonempty(cls, v: list) -> list:
         if not v:
             raise ValueError("at least one entry is needed")
         return v
+
+    @field_validator("executor", mode="wrap")
+    @classmethod
+    def _executor(cls, v: Any, handler: Any) -> ExecutorConfig:
+        try:
+            return executor_config(v)
+        except ValidationError as exc:  # the kind's own model: its first error, under executor.
+            raise ValueError(validation_message(exc)) from None
 
     @field_validator("baselines")
     @classmethod
@@ -185,18 +255,31 @@ class RunConfig(_Strict):
         return v
 
 
+class CommandCounts(_Strict):
+    """Bounds of the counts commands take besides a run config's fields (benchmarks, paths)."""
+
+    repeats: int = Field(default=1, ge=1)
+    sources: int = Field(default=1, ge=1)
+    params: float = Field(default=1, ge=1)
+    threads: int = Field(default=1, ge=1)
+    steps: int = Field(default=3, ge=3)  # points of a path, endpoints included
+    limit: int = Field(default=1, ge=1)  # examples, as a whole count
+    refine_lr: float = Field(default=DEFAULT_REFINE_LR, gt=0)
+
+
+#: Where the bound of each count option of the command line is declared: (model, field).
+OPTION_BOUNDS: Dict[str, tuple] = {
+    "trials": (BudgetConfig, "trials"),
+    "timeout": (BudgetConfig, "timeout"),
+    "workers": (ExecutorConfig, "workers"),
+    "refine": (AlignSourcesConfig, "refine"),
+    **{name: (CommandCounts, name) for name in CommandCounts.model_fields},
+}
+
+
 def load_run_config(path: Path) -> RunConfig:
     """Parse a run config file; one-line error naming the file and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"run config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{at}") from None
-    return parse_run_config(data, where=str(path))
+    return parse_run_config(read_yaml(Path(path), what="run config"), where=str(path))
 
 
 def parse_run_config(data: Any, *, where: str = "run config") -> RunConfig:

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evomerge._presets import resolve_preset
 from evomerge.errors import ConfigError, validation_message
+from evomerge.io import read_yaml
 from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Recipe
 
@@ -143,7 +143,7 @@ class SearchSpace:
     @classmethod
     def from_yaml(cls, name_or_path: str | Path, **kwargs: Any) -> "SearchSpace":
         path = resolve_preset(name_or_path, "search_spaces")
-        return cls.from_dict(_load_yaml(path), where=str(path), **kwargs)
+        return cls.from_dict(read_yaml(path, what="search space file"), where=str(path), **kwargs)
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "search space", **kwargs: Any) -> "SearchSpace":
@@ -356,12 +356,3 @@ def _labels(models: Sequence[str]) -> dict[str, str]:
         used.add(label)
         labels[m] = label
     return labels
-
-
-def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: malformed YAML{at}") from None

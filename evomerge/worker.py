@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-JobKind = Literal["screen", "full", "holdout"]
+JobKind = Literal["screen", "full", "holdout", "write"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class EvaluatorSpec:
     holdout_split: Optional[str]
     limit: Optional[Union[int, float]]
     options: dict = field(default_factory=dict)
+    instance: Any = field(default=None, compare=False)  # an evaluator object a script built (used as is)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,27 @@ class WorkerSpec:
     dtype: str = "float32"  # of the live model
     threads: Optional[int] = None
     base_dir: Optional[str] = None
+    memory_device: Optional[int] = None  # the merge's budget in bytes (None: the engine's defaults)
+    memory_host: Optional[int] = None
+    lora_live: bool = False  # a linear search over LoRA adapters: the live model keeps LoRA layers
+
+
+@dataclass(frozen=True)
+class MemberRequest:
+    """Write the candidate's model folder if it may join the front the driver had when it
+    sent the job (a stale front only makes a worker write a folder the driver drops later).
+
+    ``token``: the run folder's node token; a worker that reads the same token there shares
+    the driver's file system and writes the folder in place, otherwise it sends the files.
+    ``always``: write whatever the scores (a member whose folder is missing).
+    """
+
+    folder: str
+    front: tuple[tuple[float, ...], ...] = ()
+    objectives: tuple[tuple[str, str], ...] = ()  # (metric, direction)
+    constraints: tuple[tuple[str, Optional[float], Optional[float]], ...] = ()  # (metric, min, max)
+    token: Optional[str] = None
+    always: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,6 +75,7 @@ class Job:
     recipe: dict
     kind: JobKind = "full"
     limit: Optional[Union[int, float]] = None  # overrides the evaluators' own limit (screening)
+    member: Optional[MemberRequest] = None
 
 
 @dataclass
@@ -65,6 +88,10 @@ class JobResult:
     eval_seconds: float
     worker_id: str
     fidelity: Optional[Union[int, float]] = None
+    write_seconds: float = 0.0  # writing a front member's folder
+    written: Optional[str] = None  # the member folder written in place, or (files set) to be written by the driver
+    files: Optional[dict[str, bytes]] = None  # a member's files, when the worker does not share the run folder
+    write_error: Optional[str] = None  # writing the member's folder failed (the scores stand)
 
 
 class Worker:
@@ -74,8 +101,10 @@ class Worker:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from evomerge.adapters import open_sources
+        from evomerge.merge.budget import MemoryBudget
         from evomerge.merge.engine import MergeEngine
-        from evomerge.sources import SourceModel
+        from evomerge.merge.low_rank import lora_live_model, low_rank_adapters
 
         from transformers.utils import logging as hf_logging
 
@@ -85,12 +114,19 @@ class Worker:
         self.spec = spec
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         base_dir = Path(spec.base_dir) if spec.base_dir else None
-        sources = [SourceModel.open(m, allow_pickle=spec.allow_pickle, base_dir=base_dir) for m in spec.models]
-        self.engine = MergeEngine(sources, device=spec.device)
+        sources = open_sources(spec.models, base_model=spec.base_model, allow_pickle=spec.allow_pickle, base_dir=base_dir)
         ref = sources[0]
         # The live model is loaded once; every candidate is merged into it in place.
         self.model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=getattr(torch, spec.dtype)).to(spec.device)
         self.model.eval()
+        live_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        budget = MemoryBudget(spec.memory_device, spec.memory_host)
+        self.engine = MergeEngine(sources, device=spec.device, budget=budget, live_model_bytes=live_bytes, n_models=max(1, len(sources) - 1))
+        if spec.lora_live:  # only the LoRA factors change per candidate
+            adapters = low_rank_adapters(self.engine, [s.ref for s in sources if s.ref != spec.base_model])
+            if adapters:
+                self.model = lora_live_model(self.model, adapters)
+        self.placement = self.engine.placement.describe()
         self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
         self._evaluators: dict[str, list[tuple[str, Any]]] = {}
 
@@ -105,7 +141,7 @@ class Worker:
                 split = e.holdout_split if holdout else e.split
                 if split is None:
                     continue
-                built.append((e.name, build_evaluator(e.preset, split=split, **e.options)))
+                built.append((e.name, e.instance if e.instance is not None else build_evaluator(e.preset, split=split, **e.options)))
             self._evaluators[key] = built
         return self._evaluators[key]
 
@@ -116,6 +152,8 @@ class Worker:
         try:
             t0 = time.perf_counter()
             recipe = Recipe.from_dict(job.recipe)
+            if job.kind == "write":  # a member's folder, rebuilt from its recipe: merged, not scored
+                return self._member(job, recipe, {}, JobResult(job.trial, job.kind, None, None, 0.0, 0.0, self.worker_id))
             self.engine.merge_into(self.model, recipe)
             t1 = time.perf_counter()
             merge_s = t1 - t0
@@ -128,12 +166,85 @@ class Worker:
             bad = [k for k, v in scores.items() if not math.isfinite(v)]
             if bad:
                 return JobResult(job.trial, job.kind, None, f"non-finite score {bad[0]}={scores[bad[0]]}", merge_s, eval_s, self.worker_id, job.limit)
-            return JobResult(job.trial, job.kind, scores, None, merge_s, eval_s, self.worker_id, job.limit)
+            result = JobResult(job.trial, job.kind, scores, None, merge_s, eval_s, self.worker_id, job.limit)
+            return self._member(job, recipe, scores, result) if job.kind == "full" else result
         except Exception as exc:  # noqa: BLE001 - a failed candidate must not stop the search
             msg = f"{type(exc).__name__}: {exc}".strip()
             last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
             where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
             return JobResult(job.trial, job.kind, None, " ".join(msg.split())[:500] + where, merge_s, eval_s, self.worker_id, job.limit)
+
+
+    def _member(self, job: Job, recipe: Any, scores: dict[str, float], result: JobResult) -> JobResult:
+        """Write the candidate's folder from the live model (no second merge) when the
+        request says it may join the front; in place, or as files for the driver."""
+        req = job.member
+        if req is None or not _wanted(req, scores):
+            return result
+        import shutil
+        import tempfile
+
+        from evomerge.merge.low_rank import is_lora_live
+
+        t0 = time.perf_counter()
+        folder = Path(req.folder)
+        shared = req.token is not None and _node_token(folder.parent.parent) == req.token
+        target = folder if shared else Path(tempfile.mkdtemp(prefix="evomerge-member-")) / folder.name
+        try:
+            if not target.is_dir():
+                if job.kind == "write" or is_lora_live(self.model):  # merged from the sources, one tensor at a time
+                    self.engine.write(recipe, target)
+                else:
+                    self.engine.write_live(self.model, recipe, target)
+            result.written = str(folder)
+            if not shared:
+                result.files = {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+        except Exception as exc:  # noqa: BLE001 - the scores stand; a missing folder is written again later
+            if job.kind == "write":
+                raise
+            result.write_error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        finally:
+            if not shared:
+                shutil.rmtree(target.parent, ignore_errors=True)
+        result.write_seconds = time.perf_counter() - t0
+        return result
+
+
+NODE_TOKEN = ".node"  # in a run folder: proves a worker sees the driver's file system
+
+
+def node_token(run_dir: Path) -> str:
+    """The run folder's node token, made once (by the driver): workers that read the same
+    token there share the driver's file system."""
+    import uuid
+
+    path = Path(run_dir) / NODE_TOKEN
+    if not path.is_file():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{NODE_TOKEN}.tmp-{os.getpid()}")
+        tmp.write_text(uuid.uuid4().hex + "\n")
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
+def _node_token(run_dir: Path) -> Optional[str]:
+    try:
+        return (run_dir / NODE_TOKEN).read_text().strip()
+    except OSError:
+        return None
+
+
+def _wanted(req: MemberRequest, scores: dict[str, float]) -> bool:
+    if req.always:
+        return True
+    from evomerge.objective import Objective, dominated_by_front
+
+    for metric, low, high in req.constraints:
+        value = scores.get(metric)
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            return False
+    objectives = [Objective(m, d) for m, d in req.objectives]
+    return not dominated_by_front([scores[m] for m, _ in req.objectives], [list(f) for f in req.front], objectives)
 
 
 def _spec_limit(spec: WorkerSpec, name: str) -> Optional[Union[int, float]]:

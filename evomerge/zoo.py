@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Any, Callable, Optional
 from evomerge._paths import check_folder_target
 from evomerge._zoo_data import SKILLS, SPLITS, held_out_inputs, make_splits, pretrain_stream, read_jsonl, write_jsonl
 from evomerge.errors import ConfigError
+from evomerge.io import atomic_folder
 
 ZOO_FORMAT = 1
 MANIFEST = "zoo.json"
@@ -269,11 +269,7 @@ def write_task_data(dest: str | Path, recipe: Optional[ZooRecipe] = None, splits
 def _build(root: Path, recipe: ZooRecipe, *, progress: bool, workers: Optional[int]) -> Zoo:
     start = time.perf_counter()
     root = root.absolute()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(root, overwrite=True) as tmp:  # a reader never sees half a zoo
         splits = {name: make_splits(SKILLS[name], recipe.sizes(), recipe.data_seed) for name in recipe.skills}
         for name, data in splits.items():
             for split, rows in data.items():
@@ -301,29 +297,9 @@ def _build(root: Path, recipe: ZooRecipe, *, progress: bool, workers: Optional[i
             "build_seconds": round(seconds, 2),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_in(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     out = load_zoo(root)
     assert out is not None
     return out
-
-
-def _swap_in(tmp: Path, root: Path) -> None:
-    """Replace ``root`` by the finished ``tmp`` folder (renames only)."""
-    old = None
-    if root.exists():
-        old = root.parent / f".{root.name}.old-{os.getpid()}"
-        root.rename(old)
-    try:
-        tmp.rename(root)
-    except OSError:
-        if old is not None and not root.exists():
-            old.rename(root)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_jobs(stages: list[list[tuple]], *, progress: bool, workers: Optional[int]) -> dict[str, list[float]]:
@@ -417,29 +393,24 @@ class _WorkerPool:
 
 
 class _Bar:
-    """A rich progress bar per model (steps), or nothing."""
+    """One progress task per model (training steps), reported as evomerge.progress events."""
 
     def __init__(self, enabled: bool, tasks: list[tuple[str, int]]):
-        self.enabled = enabled
-        self.tasks = tasks
-        self.ids: dict[str, Any] = {}
+        from evomerge.progress import task
+
+        self.tasks = {name: task(name, steps, enabled=enabled) for name, steps in tasks}
 
     def __enter__(self) -> "_Bar":
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn())
-            self.progress.__enter__()
-            self.ids = {name: self.progress.add_task(name, total=steps) for name, steps in self.tasks}
+        for t in self.tasks.values():
+            t.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.progress.__exit__(*exc)
+        for t in self.tasks.values():
+            t.__exit__(*exc)
 
     def advance(self, name: str, n: int) -> None:
-        if self.enabled:
-            self.progress.update(self.ids[name], completed=n)
+        self.tasks[name].advance(n)
 
 
 

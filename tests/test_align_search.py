@@ -1,7 +1,7 @@
 """A run config that aligns its sources before the search (issue 8, acceptance 4's hook).
 
 Skipped until ``sources.align`` is part of the run config schema (run_config.py) and
-``SearchRun.create`` calls :func:`evomerge.align.sources.align_run_sources`.
+``evomerge.run.create`` calls :func:`evomerge.align.sources.align_run_sources`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Closeness:
 
 
 def test_search_runs_on_aligned_sources(tmp_path: Path, monkeypatch) -> None:
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
 
     cfg = llama_config(hidden=32, layers=2, intermediate=48, heads=4, kv_heads=2)
     (base,) = write_family(tmp_path / "fam", 0, seed=1, cfg=cfg)
@@ -55,7 +55,7 @@ def test_search_runs_on_aligned_sources(tmp_path: Path, monkeypatch) -> None:
         "budget": {"trials": 3},
     }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    run = SearchRun.create(tmp_path / "run.yaml", runs_dir=tmp_path / "runs")
+    run = create(tmp_path / "run.yaml", runs_dir=tmp_path / "runs")
     aligned = str((tmp_path / "runs" / "run" / "aligned" / "other").absolute())
     frozen = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     assert frozen["sources"]["models"] == [str(base), aligned]

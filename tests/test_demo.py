@@ -103,13 +103,13 @@ def test_demo_bad_input_is_one_line(zoo_dir, tmp_path, capsys):
 
 def test_demo_stops_when_its_search_did(zoo_dir, tmp_path, monkeypatch, capsys):
     """A search stopped by failing trials ends the demo there, exit 1, with the cause (no table of nothing)."""
-    from evomerge.study import SearchRun
+    from evomerge.run.api import Search
 
     def stopped_run(self, **kw):
         return {"n_complete": 0, "n_failed": 10, "pareto": [], "stopped": "10 trials failed in this session, none finished",
                 "errors": [{"error": "RuntimeError: the GPU fell off (at w.py:3)", "trials": list(range(10))}]}
 
-    monkeypatch.setattr(SearchRun, "run", stopped_run)
+    monkeypatch.setattr(Search, "run", stopped_run)
     assert main(["demo", "--zoo", str(zoo_dir), "--runs-dir", str(tmp_path), "--executor", "serial", "--trials", "5"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == ("evomerge demo: error: the search stopped early, 10 trials failed in this session, none finished "

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 
 import numpy as np
 import optuna
@@ -23,7 +22,7 @@ from evomerge.optimize import (
     build_optimizer,
 )
 from evomerge.optimize import _unit_cube, samplers
-from evomerge.optimize.pycma import STATE_FILE
+from evomerge.optimize._state import load_state
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -119,18 +118,17 @@ def test_cma_improves_a_sphere():
     assert study.best_value < 0.01
 
 
-def test_cma_resume_gives_identical_next_generation(tmp_path):
-    dir_a = tmp_path / "a"
-    a = CmaOptimizer(space(), LOSS, seed=7, popsize=6, state_dir=dir_a)
+def test_cma_resume_gives_identical_next_generation():
+    a = CmaOptimizer(space(), LOSS, seed=7, popsize=6)
     study_a = make_study(a)
     drive(a, study_a, slots=4, generations=2, rng=random.Random(2))
-    snapshot = tmp_path / "after_gen2"
-    shutil.copytree(dir_a, snapshot)
+    snapshot = load_state(study_a)  # what the study holds after generation 2
+    assert snapshot["generation"] == 2
     drive(a, study_a, slots=4, generations=3, rng=random.Random(3))
 
-    b = CmaOptimizer(space(), LOSS, seed=7, popsize=6, state_dir=snapshot)
+    b = CmaOptimizer(space(), LOSS, seed=7, popsize=6)
     study_b = make_study(b)
-    b.restore(study_b)
+    b.load_state(snapshot)
     assert b.generation == 2
     asked = b.ask(study_b, 10)
     assert [t.user_attrs["cma_generation"] for t in asked] == [2] * 6
@@ -143,7 +141,7 @@ def test_cma_resume_gives_identical_next_generation(tmp_path):
     assert not np.allclose(other, params_matrix(gen_trials(study_a, 0)))
 
 
-def test_cma_restore_mid_generation_reuses_finished_trials(tmp_path):
+def test_cma_restore_mid_generation_reuses_finished_trials():
     # Uninterrupted reference run.
     ref = CmaOptimizer(space(), LOSS, seed=11, popsize=6)
     study_ref = make_study(ref)
@@ -151,19 +149,19 @@ def test_cma_restore_mid_generation_reuses_finished_trials(tmp_path):
 
     # Crash during generation 2: one trial COMPLETE, one FAIL (interrupted, say), two
     # RUNNING, two never asked.
-    a = CmaOptimizer(space(), LOSS, seed=11, popsize=6, state_dir=tmp_path)
+    a = CmaOptimizer(space(), LOSS, seed=11, popsize=6)
     study = make_study(a)
     drive(a, study, slots=4, generations=2, rng=random.Random(5))
     running = a.ask(study, 4)
     a.tell(study, running[0], [sphere(running[0].params)])
     a.tell(study, running[1], None, TrialState.FAIL)
     stale = running[2:]
-    assert (tmp_path / STATE_FILE).exists()
+    assert load_state(study)["generation"] == 2  # the state lives in the study
 
-    b = CmaOptimizer(space(), LOSS, seed=11, popsize=6, state_dir=tmp_path)
+    b = CmaOptimizer(space(), LOSS, seed=11, popsize=6)
+    assert b.recover(study) == 2  # the stale RUNNING trials fail, nothing is enqueued
+    assert not study.get_trials(states=(TrialState.WAITING,))
     b.restore(study)
-    for t in stale:  # what the driver does with trials whose worker died
-        study.tell(t.number, state=TrialState.FAIL)
     assert b.generation == 2
     n_before = len(study.trials)
     drive(b, study, slots=4, generations=4, rng=random.Random(6))
@@ -178,15 +176,16 @@ def test_cma_restore_mid_generation_reuses_finished_trials(tmp_path):
         assert np.allclose(params_matrix(done), params_matrix(gen_trials(study_ref, g)), rtol=0, atol=1e-12)
 
 
-def test_cma_restore_after_tell_before_save_replays_whole_generations(tmp_path):
+def test_cma_restore_after_tell_before_save_replays_whole_generations(monkeypatch):
     # The study may be ahead of the saved state (crash between a tell and the save):
     # replay finishes the saved generation from the study and goes on.
-    a = CmaOptimizer(space(), LOSS, seed=5, popsize=6, state_dir=tmp_path / "a")
+    a = CmaOptimizer(space(), LOSS, seed=5, popsize=6)
     study = make_study(a)
     drive(a, study, slots=6, generations=1, rng=random.Random(0))
-    shutil.copytree(tmp_path / "a", tmp_path / "old")
+    monkeypatch.setattr(a, "_save", lambda: None)  # every later save is lost
     drive(a, study, slots=6, generations=3, rng=random.Random(1))
-    b = CmaOptimizer(space(), LOSS, seed=5, popsize=6, state_dir=tmp_path / "old")
+    assert load_state(study)["generation"] == 1
+    b = CmaOptimizer(space(), LOSS, seed=5, popsize=6)
     b.restore(study)
     assert b.generation == 3
     nxt = b.ask(study, 6)
@@ -197,15 +196,14 @@ def test_cma_restore_after_tell_before_save_replays_whole_generations(tmp_path):
     )
 
 
-def test_cma_restore_adopts_an_enqueued_but_unasked_candidate(tmp_path):
+def test_cma_restore_adopts_an_enqueued_but_unasked_candidate():
     # Crash between enqueue_trial and study.ask: the WAITING candidate is taken as itself.
-    a = CmaOptimizer(space(), LOSS, seed=9, popsize=4, state_dir=tmp_path)
+    a = CmaOptimizer(space(), LOSS, seed=9, popsize=4)
     study = make_study(a)
     a.ask(study, 2)
     params = a._cube.to_params(a._X[2])
     study.enqueue_trial(params, user_attrs={"cma_generation": 0, "cma_index": 2, "cma_restart": 0})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [STATE_FILE]  # no temp file left
-    b = CmaOptimizer(space(), LOSS, seed=9, popsize=4, state_dir=tmp_path)
+    b = CmaOptimizer(space(), LOSS, seed=9, popsize=4)
     b.restore(study)
     batch = b.ask(study, 10)
     assert [t.user_attrs["cma_index"] for t in batch] == [2, 0, 1, 3]
@@ -215,12 +213,23 @@ def test_cma_restore_adopts_an_enqueued_but_unasked_candidate(tmp_path):
     assert b.generation == 1
 
 
-def test_cma_state_rejects_another_space(tmp_path):
-    a = CmaOptimizer(space(), LOSS, seed=0, state_dir=tmp_path)
-    drive(a, make_study(a), slots=8, generations=1, rng=random.Random(0))
-    b = CmaOptimizer(space(5), LOSS, seed=0, state_dir=tmp_path)
+def test_cma_state_rejects_another_space():
+    a = CmaOptimizer(space(), LOSS, seed=0)
+    study = make_study(a)
+    drive(a, study, slots=8, generations=1, rng=random.Random(0))
+    b = CmaOptimizer(space(5), LOSS, seed=0)
     with pytest.raises(ConfigError, match="another search space"):
-        b.restore(make_study(b))
+        b.restore(study)
+
+
+def test_cma_state_in_the_study_keeps_two_states_only():
+    """A long search does not pile one pickled ES per generation into its storage."""
+    a = CmaOptimizer(space(), LOSS, seed=3, popsize=4)
+    study = make_study(a)
+    drive(a, study, slots=4, generations=6, rng=random.Random(0))
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    kept = {k.rsplit(":", 1)[0] for k, v in attrs.items() if k.startswith("evomerge:optimizer_state:") and v is not None}
+    assert len(kept) == 2 and load_state(study)["generation"] == 6
 
 
 def test_cma_failures_get_the_penalty_and_the_generation_is_told():
@@ -241,7 +250,7 @@ def test_cma_failures_get_the_penalty_and_the_generation_is_told():
     seen = [-losses[0], -0.5, -losses[5]]
     penalty = min(seen) - 1.0
     assert opt.last_values == pytest.approx([-losses[0], penalty, -0.5, penalty, penalty, -losses[5]])
-    assert study.trials[trials[2].number].user_attrs["objective_scores"] == {"loss": 0.5}
+    assert study.trials[trials[2].number].user_attrs["screen_scores"] == {"loss": 0.5}
     assert len(opt.ask(study, 6)) == 6  # the next generation goes on
 
 
@@ -297,7 +306,7 @@ def test_cma_scalarizes_several_objectives():
     for t in opt.ask(study, 4):
         opt.tell(study, t, [1 - sphere(t.params), t.params["w0"]])
     for t in study.trials:
-        acc, size = t.user_attrs["objective_scores"]["acc"], t.user_attrs["objective_scores"]["size"]
+        acc, size = t.user_attrs["scores"]["acc"], t.user_attrs["scores"]["size"]
         assert t.value == pytest.approx(acc - 0.5 * size)
     assert opt.last_values == pytest.approx([t.value for t in study.trials])
 
@@ -344,7 +353,7 @@ def test_sampler_with_scalarization_optimizes_one_value():
         for t in opt.ask(study, 2):
             opt.tell(study, t, two_objectives(t.params))
     assert all(len(t.values) == 1 and t.value <= 0 for t in study.trials)
-    assert all(set(t.user_attrs["objective_scores"]) == {"acc", "size"} for t in study.trials)
+    assert all(set(t.user_attrs["scores"]) == {"acc", "size"} for t in study.trials)
 
 
 def test_cmaes_sampler_single_objective(monkeypatch):

@@ -88,7 +88,7 @@ def local_sources(data: dict, zoo: Path) -> dict:
 
 
 def test_run_configs_validate(workspace, zoo_dir):
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
 
     configs = [(mark, yaml.safe_load(body)) for mark, body in blocks("yaml")]
     configs = [(mark, d) for mark, d in configs if isinstance(d, dict) and "sources" in d and "objectives" in d]
@@ -99,7 +99,7 @@ def test_run_configs_validate(workspace, zoo_dir):
             data = local_sources(data, zoo_dir)  # hub ids: offline here
         path = folder / f"readme_config_{i}.yaml"
         path.write_text(yaml.safe_dump(data))
-        run = SearchRun.create(path, runs_dir=workspace / "runs", name=f"readme{i}")  # validates, loads no model
+        run = create(path, runs_dir=workspace / "runs", name=f"readme{i}")  # validates, loads no model
         assert [o.metric for o in run.objectives] == [o["metric"] for o in data["objectives"]]
 
 
@@ -121,7 +121,7 @@ def test_search_space_recipe_and_evaluator_snippets(workspace, zoo_dir):
 
 def test_python_evaluator_example_searches(workspace, zoo_dir):
     """The README's `my_scores.py` and its run-config snippet, in a real two-trial search."""
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
 
     [code] = [body for _, body in blocks("python") if body.startswith("# my_scores.py")]
     (workspace / "my_scores.py").write_text(code)
@@ -133,7 +133,7 @@ def test_python_evaluator_example_searches(workspace, zoo_dir):
         **snippet,
     }
     (workspace / "mine.yaml").write_text(yaml.safe_dump(data))
-    summary = SearchRun.create(workspace / "mine.yaml", runs_dir=workspace / "runs").run(progress=False)
+    summary = create(workspace / "mine.yaml", runs_dir=workspace / "runs").run(progress=False)
     assert summary["n_complete"] == 2 and summary["n_failed"] == 0
     assert all(v[0] < 0 for v in (m["values"] for m in summary["pareto"]))  # a negative loss
 

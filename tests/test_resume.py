@@ -19,12 +19,15 @@ import yaml
 from safetensors.torch import load_file
 from optuna.storages.journal import JournalFileBackend
 
+from evomerge import record
 from evomerge._testing import write_family
 from evomerge.cli import main
 from evomerge.pareto import ParetoArchive
-from evomerge.study import SearchRun
+from evomerge.run.api import create
+from evomerge.run.handle import Run
 
 HARNESS = Path(__file__).parent / "_crashable.py"
+LEASE = 1.0  # seconds of heartbeat timeout in the subprocesses: the tests wait it out after a kill
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +67,7 @@ def harness_env(tmp_path: Path, family) -> dict:
         EVOMERGE_JOB_LOG=str(tmp_path / "jobs.log"),
         EVOMERGE_TARGETS=os.pathsep.join([str(family[1]), str(family[2])]),
         EVOMERGE_COMPILE="0",
+        EVOMERGE_LEASE_TIMEOUT=str(LEASE),  # a killed driver's study is taken over this soon
     )
     for f in ("phases.log", "jobs.log"):
         (tmp_path / f).touch()
@@ -94,6 +98,7 @@ def test_sigkill_at_random_points_then_resume_to_the_budget(family, tmp_path, st
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             kills.append(phase)
+            time.sleep(LEASE)  # the killed driver's lease expires
         else:
             assert proc.returncode == 0, proc.stderr.read()
             break
@@ -101,8 +106,8 @@ def test_sigkill_at_random_points_then_resume_to_the_budget(family, tmp_path, st
     assert len(kills) >= 5, kills
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr
-    run = SearchRun.open(run_dir)
-    study = run.load_study()
+    run = Run.open(run_dir)
+    study = run.study()
     trials = study.get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 12
@@ -126,14 +131,14 @@ def test_resumed_cma_continues_the_same_search(family, tmp_path, monkeypatch):
         scalarization={"kind": "weighted_sum"},
         budget={"trials": 13},
     )
-    whole = SearchRun.create(write_config(family, tmp_path / "a.yaml", **common), runs_dir=tmp_path / "runs")
+    whole = create(write_config(family, tmp_path / "a.yaml", **common), runs_dir=tmp_path / "runs")
     whole.run(progress=False)
-    part = SearchRun.create(write_config(family, tmp_path / "b.yaml", **common), runs_dir=tmp_path / "runs")
+    part = create(write_config(family, tmp_path / "b.yaml", **common), runs_dir=tmp_path / "runs")
     part.run(trials=6, progress=False)  # stops inside generation 1
     assert main(["resume", str(part.run_dir), "--json"]) == 0
 
     def candidates(run_dir):
-        study = SearchRun.open(run_dir).load_study()
+        study = Run.open(run_dir).study()
         return {
             (t.user_attrs["cma_generation"], t.user_attrs["cma_index"]): t.params
             for t in study.get_trials()
@@ -147,7 +152,7 @@ def test_resumed_cma_continues_the_same_search(family, tmp_path, monkeypatch):
 
 
 def test_status_json_matches_the_study_and_export_matches_the_front(family, tmp_path, monkeypatch, capsys):
-    run = SearchRun.create(write_config(family, tmp_path / "s.yaml", budget={"trials": 8}), runs_dir=tmp_path / "runs")
+    run = create(write_config(family, tmp_path / "s.yaml", budget={"trials": 8}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     capsys.readouterr()
     assert main(["status", str(run.run_dir), "--json"]) == 0
@@ -161,7 +166,7 @@ def test_status_json_matches_the_study_and_export_matches_the_front(family, tmp_
     assert status["objectives"] == [{"name": "closeness/ft0", "direction": "maximize"}, {"name": "closeness/ft1", "direction": "maximize"}]
     front = ParetoArchive(run.run_dir, run.objectives).front(trials)
     assert [m["trial"] for m in status["pareto"]] == [t.number for t in front]
-    assert [m["values"] for m in status["pareto"]] == [t.user_attrs["objective_values"] for t in front]
+    assert [m["values"] for m in status["pareto"]] == [record.objective_values(t, run.objectives) for t in front]
     assert status["hypervolume"] > 0
     for png in ("pareto_front.png", "hypervolume.png"):
         assert (run.run_dir / png).stat().st_size > 1000
@@ -188,7 +193,7 @@ def test_status_json_matches_the_study_and_export_matches_the_front(family, tmp_
 )
 def test_resume_refuses_with_one_line(family, tmp_path, monkeypatch, capsys, make, message):
     if make == "edited":
-        run = SearchRun.create(write_config(family, tmp_path / "e.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
+        run = create(write_config(family, tmp_path / "e.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
         run.run(progress=False)
         cfg = yaml.safe_load((run.run_dir / "config.yaml").read_text())
         cfg["search_space"] = "ties_layerwise"
@@ -204,8 +209,8 @@ def test_resume_refuses_with_one_line(family, tmp_path, monkeypatch, capsys, mak
 
 def test_a_run_stopped_before_its_first_trial_resumes(family, tmp_path, capsys):
     """Killed after its folder was made, before the study was: search points to resume, so resume must run it."""
-    run = SearchRun.create(write_config(family, tmp_path / "n.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
-    assert "n" not in optuna.get_all_study_names(run.storage())  # the study is made by the first session
+    run = create(write_config(family, tmp_path / "n.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
+    assert len(run.load_study().trials) == 0  # the study holds the frozen config before any trial
     assert main(["status", str(run.run_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_complete"] == 0
     assert main(["search", str(tmp_path / "n.yaml"), "--runs-dir", str(tmp_path / "runs")]) == 2
@@ -215,7 +220,7 @@ def test_a_run_stopped_before_its_first_trial_resumes(family, tmp_path, capsys):
 
 
 def test_resume_below_the_trials_done_says_that_trials_is_a_total(family, tmp_path, capsys, monkeypatch):
-    run = SearchRun.create(write_config(family, tmp_path / "t.yaml", budget={"trials": 3}), runs_dir=tmp_path / "runs")
+    run = create(write_config(family, tmp_path / "t.yaml", budget={"trials": 3}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     capsys.readouterr()
     assert main(["resume", str(run.run_dir), "--trials", "2"]) == 0
@@ -245,10 +250,10 @@ def test_postgresql_storage_runs_and_resumes(family, tmp_path):
 
     with postgres_server(tmp_path / "pg") as url:
         cfg = write_config(family, tmp_path / "pg.yaml", budget={"trials": 6})
-        run = SearchRun.create(cfg, runs_dir=tmp_path / "runs", storage=url)
+        run = create(cfg, runs_dir=tmp_path / "runs", storage=url)
         run.run(trials=3, progress=False)
         assert main(["resume", str(run.run_dir), "--json"]) == 0  # storage URL remembered in run.json
-        study = SearchRun.open(run.run_dir).load_study()
+        study = Run.open(run.run_dir).study()
         assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()) == 6
         assert not (run.run_dir / "study.journal").exists()
 
@@ -288,7 +293,7 @@ def test_dashboard_answers_while_the_search_writes(family, tmp_path):
     assert answers and all(status == 200 for status, *_ in answers)
     assert any(len(a) == 3 for a in answers), "no answer came while the search was writing"
     assert any(st["study_name"] == "d" for st in answers[-1][1]["study_summaries"])
-    study = SearchRun.open(run_dir).load_study()
+    study = Run.open(run_dir).study()
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials()) == 30
 
 
@@ -304,12 +309,12 @@ def test_ctrl_c_cancels_in_flight_trials_and_prints_how_to_resume(family, tmp_pa
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert f"evomerge resume {tmp_path / 'runs' / 'c'}" in err and "Traceback" not in err
-    study = SearchRun.open(tmp_path / "runs" / "c").load_study()
+    study = Run.open(tmp_path / "runs" / "c").study()
     assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
 
 
 def test_resume_with_an_unreachable_storage_fails_with_one_line(family, tmp_path, capsys):
-    run = SearchRun.create(write_config(family, tmp_path / "r.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
+    run = create(write_config(family, tmp_path / "r.yaml", budget={"trials": 2}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     capsys.readouterr()
     assert main(["resume", str(run.run_dir), "--storage", "postgresql://nobody@127.0.0.1:1/none"]) == 2
@@ -350,7 +355,7 @@ def test_a_search_whose_trials_all_fail_stops_says_why_and_resumes_after_the_fix
 def test_dashboard_on_a_taken_port_or_a_bad_one_is_one_line(family, tmp_path, capsys):
     import socket
 
-    run = SearchRun.create(write_config(family, tmp_path / "d.yaml", budget={"trials": 1}), runs_dir=tmp_path / "runs")
+    run = create(write_config(family, tmp_path / "d.yaml", budget={"trials": 1}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -12,9 +12,10 @@ import yaml
 from safetensors.torch import load_file
 
 import evomerge.evaluate
+from evomerge import record
 from evomerge._testing import write_family
 from evomerge.cli import main
-from evomerge.study import SearchRun
+from evomerge.run.api import Search, create
 from tests._distance_eval import DistanceEvaluator
 
 
@@ -56,7 +57,7 @@ def pareto_numbers(run_dir: Path) -> set[int]:
     return {int(p.name) for p in (run_dir / "pareto").iterdir() if not p.name.startswith(".")}
 
 
-def study_front(run: SearchRun) -> set[int]:
+def study_front(run: Search) -> set[int]:
     from evomerge.pareto import ParetoArchive
 
     study = run.load_study()
@@ -64,7 +65,7 @@ def study_front(run: SearchRun) -> set[int]:
 
 
 def test_pareto_folder_equals_the_front_after_every_trial(family, tmp_path, distance_evaluators, monkeypatch):
-    run = SearchRun.create(config(family, tmp_path), runs_dir=tmp_path / "runs")
+    run = create(config(family, tmp_path), runs_dir=tmp_path / "runs")
     import evomerge.pareto as P
 
     checks = []
@@ -91,14 +92,17 @@ def test_pareto_folder_equals_the_front_after_every_trial(family, tmp_path, dist
     study = run.load_study()
     first = study.trials[0]
     assert first.user_attrs["baseline"] == "uniform"
-    for key in ("recipe", "scores", "objective_values", "merge_seconds", "eval_seconds", "worker_id", "fidelity", "hypervolume"):
+    for key in ("recipe", "scores", "merge_seconds", "eval_seconds", "worker_id", "fidelity", "hypervolume"):
         assert key in first.user_attrs
+    # scores are stored once: the objective values are read out of them, never stored beside them
+    assert not {"objective_values", "objective_scores"} & set(first.user_attrs)
+    assert record.objective_values(first, run.objectives) == [first.user_attrs["scores"][m] for m in ("closeness/ft0", "closeness/ft1")]
 
 
 def test_stored_recipes_rebuild_the_recorded_scores(family, tmp_path, distance_evaluators):
     from transformers import AutoModelForCausalLM
 
-    run = SearchRun.create(config(family, tmp_path, budget={"trials": 6}), runs_dir=tmp_path / "runs")
+    run = create(config(family, tmp_path, budget={"trials": 6}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     members = json.loads((run.run_dir / "pareto.json").read_text())["members"]
     ev = DistanceEvaluator({"ft0": family[1], "ft1": family[2]})
@@ -126,7 +130,7 @@ def test_cma_evaluates_exactly_the_trials_it_asks(family, tmp_path, distance_eva
         executor={"kind": "serial", "workers": slots},
         baselines=["uniform"],
     )
-    run = SearchRun.create(cfg, runs_dir=tmp_path / "runs")
+    run = create(cfg, runs_dir=tmp_path / "runs")
     run.run(progress=False)
     trials = run.load_study().get_trials()
     evaluated = sum(ev.calls for ev in distance_evaluators[1:])  # [0] was built by validation
@@ -140,7 +144,7 @@ def test_cma_evaluates_exactly_the_trials_it_asks(family, tmp_path, distance_eva
 def test_same_config_and_seed_give_the_same_values_twice(family, tmp_path, distance_evaluators):
     values = []
     for name in ("a", "b"):
-        run = SearchRun.create(config(family, tmp_path, optimizer={"name": "tpe"}, budget={"trials": 6}), runs_dir=tmp_path / "runs", name=name)
+        run = create(config(family, tmp_path, optimizer={"name": "tpe"}, budget={"trials": 6}), runs_dir=tmp_path / "runs", name=name)
         run.run(progress=False)
         values.append([t.values for t in run.load_study().get_trials()])
     assert values[0] == values[1]
@@ -148,7 +152,7 @@ def test_same_config_and_seed_give_the_same_values_twice(family, tmp_path, dista
 
 def test_fidelity_prunes_candidates_that_cannot_reach_the_front(family, tmp_path, distance_evaluators):
     cfg = config(family, tmp_path, fidelity={"screen": 0.5, "slack": 0.0}, optimizer={"name": "random"}, budget={"trials": 12})
-    run = SearchRun.create(cfg, runs_dir=tmp_path / "runs")
+    run = create(cfg, runs_dir=tmp_path / "runs")
     summary = run.run(progress=False)
     assert summary["n_complete"] + summary["n_pruned"] == 12
     pruned = [t for t in run.load_study().get_trials() if t.state == optuna.trial.TrialState.PRUNED]
@@ -224,7 +228,7 @@ def test_front_members_are_rescored_on_the_holdout_split(family, tmp_path, monke
 
     monkeypatch.setattr(evomerge.evaluate, "build_evaluator", build, raising=False)
     cfg = config(family, tmp_path, evaluators=[{"preset": "distance", "holdout_split": "test"}], budget={"trials": 8})
-    run = SearchRun.create(cfg, runs_dir=tmp_path / "runs")
+    run = create(cfg, runs_dir=tmp_path / "runs")
     run.run(progress=False)
     assert "test" in splits
     members = json.loads((run.run_dir / "pareto.json").read_text())["members"]
@@ -235,7 +239,7 @@ def test_front_members_are_rescored_on_the_holdout_split(family, tmp_path, monke
 
 def test_bfloat16_run_scores_and_writes_bfloat16_models(family, tmp_path, distance_evaluators):
     """`dtype: bfloat16`: the live model, the stored recipes and the Pareto folders are bfloat16."""
-    run = SearchRun.create(config(family, tmp_path, dtype="bfloat16", budget={"trials": 4}), runs_dir=tmp_path / "runs")
+    run = create(config(family, tmp_path, dtype="bfloat16", budget={"trials": 4}), runs_dir=tmp_path / "runs")
     run.run(progress=False)
     members = json.loads((run.run_dir / "pareto.json").read_text())["members"]
     assert members and all(m["recipe"]["dtype"] == "bfloat16" for m in members)

@@ -226,7 +226,7 @@ def align_folder(
     """
     from safetensors.torch import save_file
 
-    from evomerge.export import atomic_folder, check_output_folder
+    from evomerge.io import atomic_folder, check_output_folder
 
     out = Path(out)
     check_output_folder(out, overwrite)  # fail before any work

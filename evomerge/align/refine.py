@@ -58,11 +58,10 @@ from evomerge.align.data import Batch, split_batches
 from evomerge.align.lm_loss import next_token_targets
 from evomerge.align.matching import match_permutations
 from evomerge.align.permutation import LlamaSpec, Permutations, apply_permutations, tensor_role
+from evomerge.run_config import DEFAULT_REFINE_LR as DEFAULT_LR, REFINE_BLENDS as BLENDS  # one home: the run config
 
 State = Mapping[str, torch.Tensor]
 DEFAULT_STEPS = 500
-DEFAULT_LR = 3e-3
-BLENDS = ("midpoint", "path", "layerwise")
 
 
 def blend_weights(names: Sequence[str], blend: str, generator: torch.Generator) -> dict[str, float]:

@@ -480,7 +480,7 @@ def bench_align_search(
 
     import yaml
 
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
     from evomerge.zoo import load_zoo, zoo
 
     start = time.perf_counter()
@@ -526,7 +526,7 @@ def bench_align_search(
             cfg_path.write_text(yaml.safe_dump(align_search_config([str(a), str(b)], skills, align=align, trials=trials, seed=seed), sort_keys=False))
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(sys.stdout if progress else sys.stderr):  # stdout may be --json
-                run = SearchRun.create(cfg_path, runs_dir=runs_dir, name=run_name)
+                run = create(cfg_path, runs_dir=runs_dir, name=run_name)
                 summary = run.run(progress=False)
             front = [p for p in summary["pareto"] if p.get("holdout_values")]
             if not front:

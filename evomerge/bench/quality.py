@@ -71,7 +71,7 @@ def search_config(
 
 
 def write_config(data: dict[str, Any], folder: Path, name: str) -> Path:
-    """Write a run config where :meth:`SearchRun.create` can read it (paths in it are absolute)."""
+    """Write a run config where :func:`evomerge.run.create` can read it (paths in it are absolute)."""
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".yaml", dir=folder)
     with os.fdopen(fd, "w") as f:
@@ -213,24 +213,19 @@ def _mean(scores: dict[str, float]) -> float:
 
 
 class _bar:
-    """A rich progress bar, or nothing."""
+    """A progress task of ``total`` steps, reported as evomerge.progress events."""
 
     def __init__(self, enabled: bool, total: int, label: str):
-        self._p = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from evomerge.progress import task
 
-            self._p = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-            self._p.start()
-            self._task = self._p.add_task(label, total=total)
+        self._task, self._done = task(label, total, enabled=enabled).__enter__(), 0
 
     def advance(self) -> None:
-        if self._p is not None:
-            self._p.advance(self._task)
+        self._done += 1
+        self._task.advance(self._done)
 
     def close(self) -> None:
-        if self._p is not None:
-            self._p.stop()
+        self._task.__exit__(None, None, None)
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -265,7 +260,7 @@ def bench_quality(
     """Baselines, then one search per optimizer; the table as a dict (see the module docstring)."""
     import time
 
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
     from evomerge.zoo import load_zoo, zoo
 
     check_skills(None, skills)  # before a zoo is built for nothing
@@ -284,7 +279,7 @@ def bench_quality(
             data = search_config(z, skills, optimizer=opt, trials=trials, workers=workers, executor=executor, seed=seed, keep_pareto_models=False, limit=limit)
             path = write_config(data, Path(runs_dir), name)
             try:
-                run = SearchRun.create(path, runs_dir=Path(runs_dir), name=name)
+                run = create(path, runs_dir=Path(runs_dir), name=name)
             finally:
                 path.unlink()
             summary = run.run(progress=progress)

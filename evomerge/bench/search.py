@@ -242,12 +242,12 @@ def probe(model: Any, tokenizer: Any) -> dict[str, float]:
 # ----------------------------------------------------------------------------- runs
 def _measure(cfg: Path, workdir: Path, kind: str, k: int, cpus: float, progress: bool, name: Optional[str] = None) -> dict[str, Any]:
     from evomerge.execute.serial import SerialExecutor
-    from evomerge.study import SearchRun
+    from evomerge.run.api import create
 
     label = "serial" if kind == "serial" else f"ray x{k}"
     if progress:
         print(f"bench search: {label} ...", flush=True)
-    run = SearchRun.create(cfg, runs_dir=workdir / "runs" / _STAMP, name=name or label.replace(" ", ""))
+    run = create(cfg, runs_dir=workdir / "runs" / _STAMP, name=name or label.replace(" ", ""))
     threads = max(1, int(cpus))
     spec = run.worker_spec(threads=threads)
     t0 = time.perf_counter()

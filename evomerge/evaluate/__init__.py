@@ -11,8 +11,10 @@ It is called on a live model as often as needed::
     >>> ev.evaluate(model, tokenizer, limit=0.2)          # doctest: +SKIP
     {'exact_match': 0.86}
 
-Kinds live in :data:`EVALUATORS` (kind -> class); a new kind is one module and one
-line there. A run reports each metric as ``<evaluator name>/<metric>``.
+Kinds live in :data:`EVALUATORS` (kind -> config model and class, see
+:mod:`evomerge.config`); a new kind is one module and one :func:`register_evaluator`
+call, from inside the package or out. A run reports each metric as
+``<evaluator name>/<metric>``.
 """
 
 from __future__ import annotations
@@ -20,18 +22,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
-from evomerge.config import CONFIG_CLASSES, EvaluatorConfig, Limit, load_evaluator_config
+from evomerge.config import EVALUATORS, EvaluatorConfig, EvaluatorConfigBase, Limit, load_evaluator_config, register_evaluator
 from evomerge.errors import ConfigError
 from evomerge.evaluate.base import Evaluator, subset_indices
 from evomerge.evaluate.dataset import DatasetEvaluator
 from evomerge.evaluate.function import PythonEvaluator
 from evomerge.evaluate.lm_harness import LmEvalEvaluator
-
-EVALUATORS: dict[str, type[Evaluator]] = {
-    "dataset": DatasetEvaluator,
-    "lm_eval": LmEvalEvaluator,
-    "python": PythonEvaluator,
-}
 
 __all__ = [
     "EVALUATORS",
@@ -40,6 +36,7 @@ __all__ = [
     "LmEvalEvaluator",
     "PythonEvaluator",
     "build_evaluator",
+    "register_evaluator",
     "evaluate",
     "subset_indices",
 ]
@@ -55,7 +52,7 @@ def build_evaluator(source: Union[str, Path, dict, EvaluatorConfig], *, split: O
     """
     if split is not None:
         overrides["split"] = split
-    if isinstance(source, tuple(CONFIG_CLASSES.values())):
+    if isinstance(source, EvaluatorConfigBase):
         config, base = load_evaluator_config(source.model_dump(), where=source.name or source.kind, **overrides)
         where = config.name or config.kind
     elif isinstance(source, dict):
@@ -67,10 +64,9 @@ def build_evaluator(source: Union[str, Path, dict, EvaluatorConfig], *, split: O
         path = resolve_preset(source, "evaluators")
         config, base = load_evaluator_config(path, **overrides)
         where = str(path)
-    cls = EVALUATORS.get(config.kind)
-    if cls is None:  # pragma: no cover - config parsing already refuses unknown kinds
+    if config.kind not in EVALUATORS:  # pragma: no cover - config parsing already refuses unknown kinds
         raise ConfigError(f"{where}: unknown evaluator kind {config.kind!r}")
-    return cls(config, base, where)
+    return EVALUATORS.load(config.kind)(config, base, where)
 
 
 def evaluate(

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 from evomerge.errors import ConfigError
 from evomerge.worker import Job, JobResult, WorkerSpec
@@ -38,16 +38,21 @@ class Executor(Protocol):
     def shutdown(self) -> None: ...
 
 
-def build_executor(kind: str, spec: WorkerSpec, *, workers: int = 1, **options: Any) -> Executor:
-    from evomerge.execute.serial import SerialExecutor
+def build_executor(config: Any, spec: WorkerSpec, *, workers: Optional[int] = None, **options: Any) -> Executor:
+    """The executor an ``executor:`` config names (a mapping, a kind, or its config model).
 
-    registry: dict[str, Any] = {"serial": SerialExecutor}
+    Kinds live in :data:`evomerge.run_config.EXECUTORS`, each with its config model; a new
+    executor is one module and one :func:`~evomerge.run_config.register_executor` call.
+    """
+    from pydantic import ValidationError
+
+    from evomerge.errors import validation_message
+    from evomerge.run_config import EXECUTORS, executor_config
+
     try:
-        from evomerge.execute.ray import RayExecutor
-
-        registry["ray"] = RayExecutor
-    except ImportError:
-        pass
-    if kind not in registry:
-        raise ConfigError(f"unknown executor {kind!r} (known: {', '.join(sorted(registry))})")
-    return registry[kind](spec, workers=workers, **options)
+        cfg = executor_config({"kind": config} if isinstance(config, str) else config)
+    except ValidationError as exc:
+        raise ConfigError(f"executor.{validation_message(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"executor.{exc}") from None
+    return EXECUTORS.load(cfg.kind)(spec, workers=workers or cfg.workers, **{**cfg.options(), **options})

@@ -13,7 +13,7 @@ __all__ = ["MergeEngine", "Recipe", "merge"]
 
 
 def merge(
-    recipe: str | Path | Recipe,
+    recipe: str | Path | Recipe | dict,
     out: str | Path,
     *,
     device: str = "cpu",
@@ -35,9 +35,11 @@ def merge(
         >>> merge("recipe.yaml", "merged")   # doctest: +SKIP
         {'out': 'merged', 'merge_method': 'ties', 'n_tensors': 20, ...}
     """
-    from evomerge.export import check_output_folder
+    from evomerge.io import check_output_folder
 
     base_dir = None
+    if isinstance(recipe, dict):
+        recipe = Recipe.from_dict(recipe)
     if not isinstance(recipe, Recipe):
         base_dir = Path(recipe).resolve().parent
         recipe = Recipe.from_yaml(Path(recipe))

@@ -11,18 +11,19 @@ included: on an 80 GB GPU, 60 GB for the live model, resident sources and worksp
 20 GB left for evaluation (activations, KV caches).
 
 Example:
-    >>> parse_bytes("60GB"), parse_bytes("1.5GiB"), parse_bytes(1024)
-    (60000000000, 1610612736, 1024)
+    >>> p = plan_placement([("base", 16 * 10**9), ("ft", 16 * 10**9)], device="cuda", live_model_bytes=16 * 10**9,
+    ...                    n_models=1, device_total=80 * 10**9)
+    >>> p.resident, p.peak_bytes <= 60 * 10**9
+    (['base', 'ft'], True)
 """
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from evomerge.errors import ConfigError
+from evomerge.units import format_bytes, parse_bytes
 
 CHUNK_NUMEL = {"cpu": 1 << 22, "cuda": 1 << 24}  # entries per chunk: float32 temporaries of 16 / 64 MiB
 MIN_CHUNK_NUMEL = 1 << 16
@@ -34,30 +35,6 @@ def workspace_chunks(n_models: int) -> int:
     (eager kernels: a delta, a mask and a term per model, the consensus sums; compiled CPU
     kernels need far fewer). ``bench scale`` checks it against measured peaks."""
     return 3 * n_models + 8
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(value: Union[str, int, float], where: str = "memory") -> int:
-    """A size as bytes: a number, or a number with a unit (kB MB GB TB, KiB MiB GiB TiB)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where}: expected a size such as 60GB, got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise ConfigError(f"{where}: expected a size such as 60GB or 1.5GiB, got {value!r}")
-        number, unit = float(m.group(1)), m.group(2).lower()
-    size = number * _UNITS[unit]
-    if not math.isfinite(size) or size <= 0:
-        raise ConfigError(f"{where}: a size must be more than 0, got {value!r}")
-    return int(size)
-
-
-def format_bytes(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ import torch
 
 from evomerge.adapters import AdapterSource, open_sources
 from evomerge.errors import MergeError, SourceError
-from evomerge.export import atomic_folder, check_output_folder, model_card
+from evomerge.io import atomic_folder, check_output_folder
+from evomerge.merge.card import model_card
 from evomerge.merge._job import TensorJob
 from evomerge.merge._kernels import Kernels
 from evomerge.merge._selection import HIGH_BINS, MagnitudeHistogram, count_bins, delta_stats_kernel

@@ -29,7 +29,8 @@ import torch
 
 from evomerge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterSource
 from evomerge.errors import MergeError
-from evomerge.export import atomic_folder, check_output_folder, model_card
+from evomerge.io import atomic_folder, check_output_folder
+from evomerge.merge.card import model_card
 from evomerge.merge.methods import get_method
 from evomerge.merge.recipe import Recipe
 from evomerge.sources import layer_index

@@ -11,7 +11,6 @@ A new algorithm is one module with a subclass of :class:`Optimizer` decorated wi
 
 from evomerge.optimize.base import (
     OPTIMIZERS,
-    OBJECTIVE_SCORES_ATTR,
     Direction,
     Objective,
     Optimizer,
@@ -32,7 +31,6 @@ from evomerge.optimize.samplers import (
 
 __all__ = [
     "OPTIMIZERS",
-    "OBJECTIVE_SCORES_ATTR",
     "Direction",
     "Objective",
     "Optimizer",

@@ -4,13 +4,15 @@ Every trial of a search lives in one Optuna study, whatever proposes it. An
 :class:`Optimizer` is a thin layer over that study in the style of Optuna's samplers:
 it says which directions the study has and which sampler it is created with, asks
 new trials (:meth:`Optimizer.ask`) and tells their scores (:meth:`Optimizer.tell`).
-Algorithms that keep state outside the study (pycma's CMA-ES) save it beside the run.
+Algorithms with state of their own (pycma's CMA-ES) keep it in the study too (see
+:mod:`evomerge.optimize._state`), so a search resumes from its storage alone, and each
+optimizer knows how to recover the trials a crash left running (:meth:`Optimizer.recover`).
 
 Objectives are named metrics with a direction. Optimizers that handle several
 objectives record all of them in the study; single-objective ones see a declared
 :class:`Scalarization` of them (always *higher is better*), and each trial keeps its
-raw per-objective scores in the user attribute ``"objective_scores"``
-(``{metric: score}``; for a PRUNED trial, its screening scores).
+raw scores in its record (:mod:`evomerge.record`: ``scores``, or ``screen_scores`` for
+a PRUNED trial), where :meth:`Optimizer.recorded_scores` finds them again.
 
 Example:
     >>> import optuna
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pathlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar
@@ -40,7 +41,9 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from evomerge import record
 from evomerge.errors import ConfigError
+from evomerge.objective import Direction, Objective  # re-exported: part of this protocol
 
 __all__ = [
     "Direction",
@@ -50,40 +53,9 @@ __all__ = [
     "OPTIMIZERS",
     "register",
     "build_optimizer",
-    "OBJECTIVE_SCORES_ATTR",
 ]
 
 _logger = logging.getLogger(__name__)
-
-Direction = Literal["maximize", "minimize"]
-
-#: User attribute with a trial's raw objective scores, ``{metric: score}``: the full
-#: evaluation of a COMPLETE trial, the low-fidelity screening of a PRUNED one.
-OBJECTIVE_SCORES_ATTR = "objective_scores"
-
-
-@dataclass(frozen=True)
-class Objective:
-    """One named metric and whether larger or smaller is better.
-
-    Example:
-        >>> Objective("add/accuracy", "maximize").sign
-        1.0
-    """
-
-    metric: str
-    direction: Direction
-
-    def __post_init__(self) -> None:
-        if self.direction not in ("maximize", "minimize"):
-            raise ConfigError(
-                f"objective {self.metric!r}: direction {self.direction!r} is not 'maximize' or 'minimize'"
-            )
-
-    @property
-    def sign(self) -> float:
-        """+1 for maximize, -1 for minimize: ``sign * score`` is higher-is-better."""
-        return 1.0 if self.direction == "maximize" else -1.0
 
 
 @dataclass(frozen=True)
@@ -179,14 +151,12 @@ class Optimizer(ABC):
         *,
         scalarization: Scalarization | None = None,
         seed: int | None = None,
-        state_dir: pathlib.Path | str | None = None,
         **options: Any,
     ) -> None:
         self.distributions: dict[str, BaseDistribution] = dict(distributions)
         self.objectives: list[Objective] = list(objectives)
         self.scalarization = scalarization
         self.seed = seed
-        self.state_dir = pathlib.Path(state_dir) if state_dir is not None else None
         self._check_setup(options)
         # Best raw score seen per objective (COMPLETE trials only): chebyshev's ideal point.
         self._ideal: list[float] | None = None
@@ -253,13 +223,17 @@ class Optimizer(ABC):
         trial: Trial | FrozenTrial | int,
         scores: Sequence[float] | None,
         state: TrialState = TrialState.COMPLETE,
+        *,
+        recorded: bool = False,
     ) -> None:
         """Record a finished trial in the study and let the algorithm learn from it.
 
         ``scores`` are per-objective values in :attr:`objectives` order, ``None`` for a
         failed trial; for a PRUNED trial they are optional low-fidelity screening scores.
         A COMPLETE trial without finite scores is recorded as FAIL (Optuna would do the
-        same for NaN) so that the algorithm sees one consistent outcome.
+        same for NaN) so that the algorithm sees one consistent outcome. ``recorded``
+        says the caller already wrote the scores into the trial's record (the driver
+        writes every metric); otherwise the objectives' scores are written here.
         """
         number = trial if isinstance(trial, int) else trial.number
         if state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
@@ -276,13 +250,14 @@ class Optimizer(ABC):
             values = None
 
         handle = self._pending.pop(number, None)
-        if values is not None:
-            # Raw scores go into user attributes before the trial is finished (after that
+        if values is not None and not recorded:
+            # Raw scores go into the record before the trial is finished (after that
             # Optuna refuses writes): the study keeps every objective even when it records
             # one scalarized value, and a restore can recompute what the algorithm saw.
             if handle is None:
                 handle = _trial_handle(study, number)
-            handle.set_user_attr(OBJECTIVE_SCORES_ATTR, {o.metric: v for o, v in zip(self.objectives, values)})
+            key = "scores" if state == TrialState.COMPLETE else "screen_scores"
+            record.write(handle, **{key: {o.metric: v for o, v in zip(self.objectives, values)}})
         study_values = self.study_values(values) if state == TrialState.COMPLETE else None
         # A FrozenTrial (from study.trials) is told by number; Optuna takes Trial or int.
         study.tell(trial if isinstance(trial, Trial) else number, values=study_values, state=state)
@@ -302,6 +277,27 @@ class Optimizer(ABC):
             if scores is not None:
                 self._observe(scores)
 
+    def recover(self, study: optuna.Study) -> int:
+        """Trials a crash left RUNNING are failed and their candidates asked again.
+
+        This version enqueues each one's params (a baseline stays a baseline); optimizers
+        that re-ask lost candidates themselves on :meth:`restore` override it. Call it
+        before :meth:`restore`. Returns how many trials were recovered.
+        """
+        stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in stale:
+            study.tell(t.number, state=TrialState.FAIL)
+            if self._asks_again(t):
+                continue
+            baseline = record.get(t, "baseline")
+            attrs = {"requeued_from": t.number, **({"baseline": baseline} if baseline is not None else {})}
+            study.enqueue_trial(t.params, user_attrs=attrs)
+        return len(stale)
+
+    def _asks_again(self, trial: FrozenTrial) -> bool:
+        """True when :meth:`restore` asks this crashed trial's candidate again by itself."""
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         """A picklable snapshot of what the optimizer keeps outside the study."""
         return {"ideal": None if self._ideal is None else list(self._ideal)}
@@ -315,9 +311,9 @@ class Optimizer(ABC):
 
     def recorded_scores(self, ft: FrozenTrial) -> list[float] | None:
         """The raw per-objective scores a finished trial carries, if they can be found."""
-        attr = ft.user_attrs.get(OBJECTIVE_SCORES_ATTR)
-        if isinstance(attr, dict) and all(o.metric in attr for o in self.objectives):
-            return [float(attr[o.metric]) for o in self.objectives]
+        found = record.objective_values(ft, self.objectives)
+        if found is not None:
+            return found
         # A study written without the attribute: unscalarized values are the scores.
         if (
             ft.state == TrialState.COMPLETE
@@ -422,7 +418,6 @@ def build_optimizer(
     *,
     scalarization: Scalarization | None = None,
     seed: int | None = None,
-    state_dir: pathlib.Path | str | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Optimizer:
     """Build the optimizer ``name`` from the registry; a bad setup raises one-line ConfigError.
@@ -444,6 +439,5 @@ def build_optimizer(
         objectives,
         scalarization=scalarization,
         seed=seed,
-        state_dir=state_dir,
         **dict(options or {}),
     )

@@ -22,7 +22,9 @@ from a uniformly random point of the cube with twice the previous population siz
 Without restarts left the optimizer is :attr:`~CmaOptimizer.finished`.
 
 State: after every generation (and before the first) the ES, its random generator and
-the counters are pickled atomically to ``state_dir/cma_state.pkl``. pycma draws from a
+the counters are pickled into the study's system attributes (as Optuna's own
+CmaEsSampler keeps its ES; see :mod:`evomerge.optimize._state`), so a search resumes
+from its storage alone, on any machine. pycma draws from a
 ``numpy.random.RandomState`` of our own (option ``randn``), pickled with the ES, so a
 restored optimizer asks exactly the candidates the uninterrupted one would have.
 :meth:`CmaOptimizer.restore` loads that state and replays the study: for each
@@ -31,9 +33,9 @@ match a candidate and that finished COMPLETE or PRUNED are reused as its evaluat
 candidates without one (FAIL, RUNNING or WAITING at the crash, never asked) are asked
 again as new trials with identical parameters. A FAIL is tried again because an
 interrupted evaluation looks the same as a broken one in the study. Stale RUNNING
-trials are left to the driver, which may fail them with ``study.tell`` (telling them
-through the optimizer after ``restore`` has no effect on the ES either). While running,
-telling a candidate FAIL through the optimizer is a real failure: it gets the penalty.
+trials are failed by :meth:`CmaOptimizer.recover` (called before ``restore``), which
+enqueues nothing: the replay asks their candidates again. While running, telling a
+candidate FAIL through the optimizer is a real failure: it gets the penalty.
 
 Enqueued WAITING trials (baselines) are always asked first; their scores are
 recorded in the study but not given to pycma (they are not samples of its
@@ -63,9 +65,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import pickle
-import tempfile
 import warnings
 from typing import Any, ClassVar, Mapping
 
@@ -75,14 +74,14 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from evomerge.errors import ConfigError
+from evomerge.optimize._state import load_state, save_state
 from evomerge.optimize._unit_cube import UnitCube
 from evomerge.optimize.base import Optimizer, register
 
-__all__ = ["CmaOptimizer", "STATE_FILE"]
+__all__ = ["CmaOptimizer"]
 
 _logger = logging.getLogger(__name__)
 
-STATE_FILE = "cma_state.pkl"
 _STATE_VERSION = 1
 
 # Options of our own (in unit-cube terms) and pycma options we set ourselves.
@@ -142,6 +141,7 @@ class CmaOptimizer(Optimizer):
         self._worst: float | None = None  # lowest scalar value seen (for the default penalty)
         self.last_values: list[float] | None = None  # what the last generation was told (higher is better)
         self._sampler: optuna.samplers.BaseSampler | None = None
+        self._study: optuna.Study | None = None  # where the state is saved: the study last asked or told
         self._reset_generation()
 
     # ------------------------------------------------------------------ options
@@ -252,6 +252,7 @@ class CmaOptimizer(Optimizer):
 
     def ask(self, study: optuna.Study, max_trials: int) -> list[Trial]:
         self._check_study(study)
+        self._study = study
         out: list[Trial] = []
         while len(out) < max_trials:
             if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -280,6 +281,7 @@ class CmaOptimizer(Optimizer):
     def _after_tell(
         self, study: optuna.Study, number: int, scores: list[float] | None, state: TrialState
     ) -> None:
+        self._study = study
         index = self._index_of.get(number)
         if index is None:
             # A baseline, or a trial asked before a restore: in the study, not in the ES.
@@ -424,27 +426,19 @@ class CmaOptimizer(Optimizer):
         self._reset_generation()
 
     def _save(self) -> None:
-        if self.state_dir is None:
-            return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".cma_state.", dir=self.state_dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                pickle.dump(self.state_dict(), fh, protocol=pickle.HIGHEST_PROTOCOL)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.state_dir / STATE_FILE)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if self._study is not None:
+            save_state(self._study, self.state_dict(), label=self._generation)
+
+    def _asks_again(self, trial: FrozenTrial) -> bool:
+        # The replay in restore asks a lost candidate of the ES again; a baseline is enqueued.
+        return "cma_generation" in trial.user_attrs
 
     def restore(self, study: optuna.Study) -> None:
-        """Load ``state_dir/cma_state.pkl`` (if any) and replay the study's finished candidates."""
-        path = None if self.state_dir is None else self.state_dir / STATE_FILE
-        if path is not None and path.exists():
-            with open(path, "rb") as fh:
-                self.load_state(pickle.load(fh))
+        """Load the state saved in the study (if any) and replay its finished candidates."""
+        self._study = study
+        saved = load_state(study)
+        if saved is not None:
+            self.load_state(saved)
         else:
             self._reset_generation()
         super().restore(study)  # ideal point from every recorded score
