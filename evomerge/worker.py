@@ -92,6 +92,7 @@ class JobResult:
     written: Optional[str] = None  # the member folder written in place, or (files set) to be written by the driver
     files: Optional[dict[str, bytes]] = None  # a member's files, when the worker does not share the run folder
     write_error: Optional[str] = None  # writing the member's folder failed (the scores stand)
+    note: Optional[str] = None  # a worker's first result: what its merge engine holds where
 
 
 class Worker:
@@ -127,6 +128,7 @@ class Worker:
             if adapters:
                 self.model = lora_live_model(self.model, adapters)
         self.placement = self.engine.placement.describe()
+        self._noted = False
         self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
         self._evaluators: dict[str, list[tuple[str, Any]]] = {}
 
@@ -146,6 +148,12 @@ class Worker:
         return self._evaluators[key]
 
     def run(self, job: Job) -> JobResult:
+        result = self._run(job)
+        if not self._noted:  # the driver says it once per kind of worker
+            result.note, self._noted = f"{self.worker_id}: {self.placement}", True
+        return result
+
+    def _run(self, job: Job) -> JobResult:
         from evomerge.merge.recipe import Recipe
 
         merge_s = eval_s = 0.0

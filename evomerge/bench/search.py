@@ -70,6 +70,7 @@ class _Recorder:
         self.cpu_last: Optional[tuple[float, float]] = None
         self.busy = 0.0
         self.merge = 0.0
+        self.write = 0.0
         self.results = 0
 
     def submit(self, job: Job) -> None:
@@ -86,6 +87,7 @@ class _Recorder:
         for r in out:
             self.busy += r.merge_seconds + r.eval_seconds
             self.merge += r.merge_seconds
+            self.write += r.write_seconds
             self.results += 1
         return out
 
@@ -125,6 +127,8 @@ def bench_search(
     limit: Optional[int] = None,
     memory_params: float = 1e8,
     memory_trials: int = 4,
+    members_params: float = 0,
+    members_trials: int = 10,
     workdir: Optional[Path] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -141,6 +145,8 @@ def bench_search(
         raise ConfigError(f"--workers: expected different worker counts of at least 1, got {','.join(map(str, ray_workers)) or 'none'}")
     if not cpus_per_worker > 0:
         raise ConfigError(f"--cpus-per-worker must be more than 0, got {cpus_per_worker:g}")
+    if members_params < 0:
+        raise ConfigError(f"--members-params must be 0 (skip the members probe) or a model size, got {members_params:g}")
     if memory_params < 0:
         raise ConfigError(f"--memory-params must be 0 (skip the memory probe) or a model size, got {memory_params:g}")
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)  # any complete zoo will do
@@ -152,19 +158,23 @@ def bench_search(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
     try:
-        cfg = _zoo_config(z, workdir, trials=trials, optimizer=optimizer, limit=limit)
-        rows = [_measure(cfg, workdir, "serial", 1, cpus_per_worker, progress)]
-        for k in ray_workers:
-            rows.append(_measure(cfg, workdir, "ray", k, cpus_per_worker, progress))
-        memory = None
-        if memory_params and len(ray_workers) >= 2:
-            memory = _memory_probe(workdir, int(memory_params), memory_trials, sorted(ray_workers)[:2], cpus_per_worker, progress)
-    finally:
         if own_ray:
-            ray.shutdown()
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+        try:
+            cfg = _zoo_config(z, workdir, trials=trials, optimizer=optimizer, limit=limit)
+            rows = [_measure(cfg, workdir, "serial", 1, cpus_per_worker, progress)]
+            for k in ray_workers:
+                rows.append(_measure(cfg, workdir, "ray", k, cpus_per_worker, progress))
+            memory = None
+            if memory_params and len(ray_workers) >= 2:
+                memory = _memory_probe(workdir, int(memory_params), memory_trials, sorted(ray_workers)[:2], cpus_per_worker, progress)
+        finally:
+            if own_ray:
+                ray.shutdown()
+        # in a fresh process: the driver's memory is a driver's, not this benchmark's
+        members = _in_fresh_process(workdir, int(members_params), members_trials, cpus_per_worker, progress) if members_params else None
+    finally:
         if tmp is not None:
             tmp.cleanup()
     by = {r["executor"]: r for r in rows}
@@ -179,6 +189,7 @@ def bench_search(
         "merged_model_bytes": rows[0]["merged_model_bytes"],
         "rows": rows,
         "memory": memory,
+        "members": members,
     }
     one, two = by.get("ray x1"), by.get("ray x2")
     if one and two:
@@ -229,6 +240,20 @@ def _memory_config(family: list[Path], workdir: Path, trials: int) -> Path:
     path = workdir / "memory_search.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def probe_lm(model: Any, tokenizer: Any) -> dict[str, float]:
+    """The members probe's evaluator: next-token loss on two fixed batches of random tokens
+    (real forward passes, as an LM evaluator runs them; two objectives, so a front)."""
+    import torch
+
+    vocab = model.config.vocab_size
+    out = {}
+    with torch.no_grad():
+        for key, seed in (("loss_a", 0), ("loss_b", 1)):
+            ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
+            out[key] = float(model(input_ids=ids, labels=ids).loss)
+    return out
 
 
 def probe(model: Any, tokenizer: Any) -> dict[str, float]:
@@ -332,6 +357,83 @@ def _model_bytes(run: Any) -> int:
     return total
 
 
+def _members_probe(workdir: Path, n_params: int, trials: int, cpus: float, progress: bool) -> dict[str, Any]:
+    """A Ray x2 search on a bfloat16 family of ``n_params`` (base + 3 fine-tunes) that keeps
+    its Pareto members: the driver's private memory (sampled) and the share of the
+    workers' time spent writing members' folders."""
+    import torch
+
+    from evomerge._testing import config_for_params, write_family
+    from evomerge.bench.scale import AnonPeak
+    from evomerge.execute.ray import RayExecutor
+    from evomerge.run.api import create
+
+    family = [workdir / "membersfam" / n for n in ("base", "ft0", "ft1", "ft2")]  # written by the parent process
+    preset = workdir / "probe_lm.yaml"
+    preset.write_text(yaml.safe_dump({"kind": "python", "name": "lm", "function": "evomerge.bench.search:probe_lm",
+                                      "metrics": {"loss_a": "minimize", "loss_b": "minimize"}}))
+    cfg = workdir / "members_search.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "sources": {"base_model": str(family[0]), "models": [str(p) for p in family[1:]]},
+        "search_space": "task_arithmetic_global", "evaluators": [{"preset": str(preset)}],
+        "objectives": [{"metric": "lm/loss_a", "direction": "minimize"}, {"metric": "lm/loss_b", "direction": "minimize"}],
+        "optimizer": {"name": "random"}, "budget": {"trials": trials}, "seed": 0, "dtype": "bfloat16", "keep_pareto_models": True,
+    }, sort_keys=False))
+    if progress:
+        print(f"bench search: ray x2, {trials} trials, Pareto members written ...", flush=True)
+    run = create(cfg, runs_dir=workdir / "runs" / _STAMP, name="members")
+    ex = RayExecutor(run.worker_spec(threads=max(1, int(cpus))), workers=2, cpus_per_worker=cpus)
+    rec = _Recorder(ex, [os.getpid()])
+    try:
+        with AnonPeak() as peak:
+            summary = run.run(executor=rec, progress=False)
+    finally:
+        ex.shutdown()
+    busy = rec.busy + rec.write
+    pareto = run.run_dir / "pareto"
+    return {
+        "params": n_params,
+        "trials": trials,
+        "members": len(summary["pareto"]),
+        "members_written": summary["members_written"],
+        "member_folder_bytes": sum(f.stat().st_size for f in pareto.rglob("*") if f.is_file()) // max(1, len(summary["pareto"])),
+        "driver_private_peak_bytes": peak.peak,
+        "worker_write_seconds": rec.write,
+        "worker_busy_seconds": busy,
+        "write_fraction": rec.write / busy if busy else 0.0,
+    }
+
+
+def _in_fresh_process(workdir: Path, n_params: int, trials: int, cpus: float, progress: bool) -> dict[str, Any]:
+    """The family is written here; the search runs in a fresh driver process."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    from evomerge._testing import config_for_params, write_family
+
+    if progress:
+        print(f"bench search: writing a bfloat16 family of {n_params / 1e9:.1f}B parameters (base + 3 fine-tunes) ...", flush=True)
+    write_family(workdir / "membersfam", 3, seed=0, cfg=config_for_params(n_params), dtype=torch.bfloat16, tokenizer=True)
+    args = json.dumps({"workdir": str(workdir), "params": n_params, "trials": trials, "cpus": cpus, "progress": progress})
+    proc = subprocess.run([sys.executable, "-m", "evomerge.bench.search", args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the members probe failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _members_main(args: dict) -> dict[str, Any]:
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        return _members_probe(Path(args["workdir"]), args["params"], args["trials"], args["cpus"], args["progress"])
+    finally:
+        ray.shutdown()
+
+
 def _memory_probe(workdir: Path, n_params: int, trials: int, ks: list[int], cpus: float, progress: bool) -> dict[str, Any]:
     from evomerge._testing import config_for_params, write_family
 
@@ -402,8 +504,25 @@ def format_table(result: dict[str, Any]) -> str:
             f"{m['extra_worker_bytes'] * mb:.0f} MiB = {m['extra_worker_over_merged_model']:.2f}x; PSS with page-cache shares "
             f"{m['extra_worker_pss_bytes'] * mb:.0f} MiB"
         )
+    w = result.get("members")
+    if w:
+        lines.append(
+            f"members probe: ray x2 on {w['params'] / 1e9:.1f}B parameters (bfloat16, base + 3 fine-tunes), {w['trials']} trials, "
+            f"{w['members_written']} member folders written by the workers ({w['member_folder_bytes'] * mb:.0f} MiB each), front of {w['members']}"
+        )
+        lines.append(
+            f"  driver private memory peak {w['driver_private_peak_bytes'] * mb:.0f} MiB (target < 600); workers spent "
+            f"{100 * w['write_fraction']:.1f}% of their time writing members ({w['worker_write_seconds']:.1f} of {w['worker_busy_seconds']:.1f} s; target < 5%)"
+        )
     if result.get("load_average"):
         start = result.get("load_average_start")
         at_start = f"{' '.join(f'{x:.2f}' for x in start)} at the start, " if start else ""
         lines.append(f"load average (1, 5, 15 min): {at_start}{' '.join(f'{x:.2f}' for x in result['load_average'])} at the end")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - the members probe's fresh driver process
+    import json
+    import sys
+
+    print(json.dumps(_members_main(json.loads(sys.argv[1]))))

@@ -100,6 +100,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--optimizer", default="random", help="sampler of the timed searches (default: random)")
     se.add_argument("--limit", type=int, default=None, help="examples per skill and candidate (default: all of the validation split)")
     se.add_argument("--memory-params", type=float, default=1e8, help="model size of the memory probe; 0 skips it (default: 1e8)")
+    se.add_argument("--members-params", type=float, default=0, help="model size of the members probe: ray x2 keeping Pareto members on a bfloat16 family "
+                    "(driver memory, workers' time writing members); 0 skips it (default: 0; issue 17 measures 1e9)")
+    se.add_argument("--members-trials", type=int, default=10, help="trials of the members probe (default: 10)")
     se.add_argument("--workdir", type=Path, default=None, help="where runs go (default: a temp folder)")
     se.add_argument("--json", action="store_true", help="print JSON")
     se.set_defaults(handler=_run_bench_search)
@@ -177,6 +180,8 @@ def _run_bench_search(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         limit=args.limit,
         memory_params=args.memory_params,
+        members_params=args.members_params,
+        members_trials=args.members_trials,
         workdir=args.workdir,
         progress=not args.json,
     )

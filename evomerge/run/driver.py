@@ -146,6 +146,9 @@ class Driver:
                     if ex.in_flight() == 0:
                         break
                     for result in ex.poll():
+                        if result.note and result.note.split(": ", 1)[-1] not in told:
+                            told.add(result.note.split(": ", 1)[-1])
+                            bar.say(result.note)
                         self._handle(result, state)
                         for number, error in state.errors:
                             if error not in told:
