@@ -65,6 +65,11 @@ def lora_zoo(z: Any, recipe: LoraRecipe = LoraRecipe(), *, report: Optional[Call
     return {s: root / s for s in z.skills}
 
 
+def lora_table(z: Any) -> dict[str, dict[str, float]]:
+    """The LoRA specialists' test accuracy per skill, as recorded when they were trained."""
+    return json.loads((Path(z.root) / LORA_DIR / MANIFEST).read_text())["table"]
+
+
 def _train(z: Any, skill: str, recipe: LoraRecipe, out: Path) -> Any:
     import torch
     from peft import LoraConfig, get_peft_model

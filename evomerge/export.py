@@ -9,8 +9,21 @@ from evomerge.errors import MergeError
 from evomerge.io import atomic_folder, check_output_folder
 
 
-def export(run_dir: Path, trial: Union[int, str], out: Path, *, overwrite: bool = False, storage: Optional[str] = None) -> dict:
+def export(
+    run_dir: Path,
+    trial: Union[int, str],
+    out: Path,
+    *,
+    overwrite: bool = False,
+    storage: Optional[str] = None,
+    adapter: bool = False,
+    rank: Optional[int] = None,
+) -> dict:
     """Write one trial's merged model (any trial of the study, not only front members).
+
+    With ``adapter`` (or ``rank``), the merge is written as one PEFT LoRA adapter instead,
+    merged again from the recipe: exact for a linear merge of adapters, else truncated to
+    ``rank`` by SVD with its error reported (as ``evomerge merge --adapter`` does).
 
     ``trial="best"`` picks the Pareto front member with the highest mean of its objective
     values (each sign-adjusted so that higher is better), as the report plots do. A front
@@ -42,13 +55,16 @@ def export(run_dir: Path, trial: Union[int, str], out: Path, *, overwrite: bool 
         why = f" ({record.get(t, 'error')})" if record.get(t, "error") else ""
         raise MergeError(f"trial {trial} is {t.state.name}{why}, not a scored candidate")
     folder = archive.dir / str(trial)
-    if (folder / "config.json").is_file():
+    if not (adapter or rank is not None) and (folder / "config.json").is_file():
         return _copy_member(folder, Path(out), recipe, trial=trial, overwrite=overwrite)
     from evomerge.merge.engine import MergeEngine
     from evomerge.merge.recipe import Recipe
 
     parsed = Recipe.from_dict(recipe)
-    return dict(MergeEngine.from_recipe(parsed, allow_pickle=run.config.sources.allow_pickle).write(parsed, Path(out), overwrite=overwrite), trial=trial)
+    engine = MergeEngine.from_recipe(parsed, allow_pickle=run.config.sources.allow_pickle)
+    if adapter or rank is not None:
+        return dict(engine.write_adapter(parsed, Path(out), rank=rank, overwrite=overwrite), trial=trial)
+    return dict(engine.write(parsed, Path(out), overwrite=overwrite), trial=trial)
 
 
 def _copy_member(folder: Path, out: Path, recipe: dict, *, trial: int, overwrite: bool) -> dict:

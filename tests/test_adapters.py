@@ -187,3 +187,56 @@ def test_an_adapter_cannot_be_the_base_and_needs_one(lora_family, tmp_path, caps
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {adapter}\nmodels:\n  - model: {lora_family['adapters'][1]}\n    parameters: {{weight: 0.5}}\n")
     assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
     assert "a LoRA adapter cannot be the base model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- a search over adapters
+class _LogitCloseness:
+    """Two objectives: closeness of the candidate's logits to each of two full fine-tunes'
+    (works on a plain or a LoRA live model alike)."""
+
+    name = "logits"
+
+    def __init__(self, fulls: list[Path]):
+        from transformers import AutoModelForCausalLM
+
+        self.ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+        self.targets = [_logits(AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32), self.ids) for f in fulls]
+        self.metrics = {f"ft{i}": "maximize" for i in range(len(fulls))}
+
+    def evaluate(self, model, tokenizer, *, limit=None):
+        got = _logits(model, self.ids)
+        return {f"ft{i}": 1.0 / (1.0 + float((got - t).norm())) for i, t in enumerate(self.targets)}
+
+
+def test_a_search_over_adapters_exports_a_member_as_an_adapter(lora_family, tmp_path):
+    """Task arithmetic over two adapters (LoRA live models in the workers): front members are
+    full folders, and `evomerge export --adapter` writes one exact adapter whose logits
+    are the member's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.cli import main
+    from evomerge.run import search
+
+    (base,) = write_family(tmp_path / "family", 0, seed=4, cfg=llama_config(hidden=48, intermediate=96, layers=3, vocab=64))  # with a tokenizer
+    adapters, fulls = write_lora_adapters(tmp_path / "family", base, 2, rank=4, seed=1)
+    config = {
+        "sources": {"base_model": str(base), "models": [str(a) for a in adapters]},
+        "search_space": "lora_task_arithmetic_layerwise",
+        "objectives": [{"metric": "logits/ft0"}, {"metric": "logits/ft1"}],
+        "optimizer": {"name": "tpe"},
+        "budget": {"trials": 5},
+    }
+    summary = search(config, runs_dir=tmp_path / "runs", name="adapters", progress=False, evaluators=[_LogitCloseness(fulls)])
+    assert summary["n_complete"] == 5 and summary["pareto"]
+    run_dir = tmp_path / "runs" / "adapters"
+    member = sorted((run_dir / "pareto").glob("[0-9]*"))[0]
+    assert (member / "config.json").is_file()  # a full model folder, written by the worker
+    assert main(["export", str(run_dir), "--trial", member.name, "--out", str(tmp_path / "adapter"), "--adapter"]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(tmp_path / "adapter"))
+    full = AutoModelForCausalLM.from_pretrained(member, dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert rel_err(_logits(loaded, ids), _logits(full, ids)) < 1e-4
+    assert main(["export", str(run_dir), "--trial", member.name, "--out", str(tmp_path / "r0"), "--adapter", "--rank", "0"]) == 2
+    assert not (tmp_path / "r0").exists()

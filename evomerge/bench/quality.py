@@ -37,6 +37,8 @@ DEFAULT_SKILLS = ("reverse", "count")
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(1, 11))
 #: what each search looks like (the demo uses the same)
 SEARCH_SPACE = "ties_layerwise"
+#: the same over the zoo's LoRA specialists (``--lora``)
+LORA_SEARCH_SPACE = "lora_ties_layerwise"
 OPTIMIZER_OPTIONS = {"nsga2": {"population_size": 10}, "nsga3": {"population_size": 10}, "cma": {"popsize": 8}}
 
 
@@ -52,11 +54,16 @@ def search_config(
     seed: int = 0,
     keep_pareto_models: bool = True,
     limit: Optional[int] = None,
+    specialists: Optional[dict[str, Path]] = None,
 ) -> dict[str, Any]:
-    """The run config of a zoo search over ``skills``: searched on validation, front re-scored on test."""
+    """The run config of a zoo search over ``skills``: searched on validation, front re-scored on test.
+    ``specialists``: skill -> source folder (default the zoo's full fine-tunes; LoRA adapters
+    with :data:`LORA_SEARCH_SPACE`)."""
+    folders = specialists or zoo.models
+    lora = specialists is not None and specialists is not zoo.models
     data: dict[str, Any] = {
-        "sources": {"base_model": str(zoo.base), "models": [str(zoo.models[s]) for s in skills]},
-        "search_space": SEARCH_SPACE,
+        "sources": {"base_model": str(zoo.base), "models": [str(folders[s]) for s in skills]},
+        "search_space": LORA_SEARCH_SPACE if lora else SEARCH_SPACE,
         "evaluators": [{"preset": f"zoo_{s}", "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills],
         "objectives": [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills],
         "optimizer": {"name": optimizer, "options": dict(OPTIMIZER_OPTIONS.get(optimizer, {}))},
@@ -94,19 +101,28 @@ def _task_vectors(method: str, base: Path, models: Sequence[Path], **params: flo
     }
 
 
-def baseline_rows(zoo: Any, skills: Sequence[str] = DEFAULT_SKILLS, *, progress: bool = True, limit: Optional[int] = None) -> list[dict[str, Any]]:
-    """Score the reference models and merges; one row each (test scores, validation where chosen on it)."""
+def baseline_rows(
+    zoo: Any,
+    skills: Sequence[str] = DEFAULT_SKILLS,
+    *,
+    progress: bool = True,
+    limit: Optional[int] = None,
+    specialists: Optional[dict[str, Path]] = None,
+) -> list[dict[str, Any]]:
+    """Score the reference models and merges; one row each (test scores, validation where chosen on it).
+    ``specialists``: skill -> source folder (full fine-tunes or LoRA adapters; default the zoo's)."""
     from evomerge.errors import EvaluationError
     from evomerge.worker import EvaluatorSpec, Job, Worker, WorkerSpec
 
-    specialists = [zoo.models[s] for s in skills]
+    folders = specialists or zoo.models
+    specialists = [folders[s] for s in skills]
     spec = WorkerSpec(
         models=(str(zoo.base), *map(str, specialists)),
         base_model=str(zoo.base),
         evaluators=tuple(EvaluatorSpec(f"zoo_{s}", s, "validation", "test", limit, {}) for s in skills),
     )
     before_grid: list[tuple[str, str, str, dict]] = [
-        *[(f"specialist {s}", "specialist", "", _linear([zoo.models[s]])) for s in skills],
+        *[(f"specialist {s}", "specialist", "", _linear([folders[s]])) for s in skills],
         ("base", "base", "", _linear([zoo.base])),
         ("uniform average", "baseline", "linear, equal weights", _linear(specialists)),
     ]
@@ -187,7 +203,8 @@ def format_table(result: dict[str, Any]) -> str:
     skills = result["skills"]
     width = max(len(r["name"]) for r in result["rows"]) + 2
     head = f"{'model':<{width}}" + "".join(f"{s:>9}" for s in skills) + f"{'mean':>9}  {'margin':>7}  detail"
-    lines = [f"held-out {result['split']} accuracy (exact match), two skills; choices made on validation", head, "-" * len(head)]
+    what = ", LoRA specialists" if result.get("sources") == "lora" else ""
+    lines = [f"held-out {result['split']} accuracy (exact match), two skills{what}; choices made on validation", head, "-" * len(head)]
     for r in result["rows"]:
         margin = result["margins"].get(r["name"])
         m = "" if margin is None else f"{margin:+.3f}"
@@ -255,9 +272,11 @@ def bench_quality(
     seed: int = 0,
     runs_dir: Optional[Path] = None,
     limit: Optional[int] = None,
+    lora: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Baselines, then one search per optimizer; the table as a dict (see the module docstring)."""
+    """Baselines, then one search per optimizer; the table as a dict (see the module docstring).
+    ``lora``: the sources are the zoo's LoRA specialists (trained once, see :mod:`evomerge._zoo_lora`)."""
     import time
 
     from evomerge.run.api import create
@@ -267,16 +286,22 @@ def bench_quality(
     check_optimizers(optimizers)  # before the baselines are scored for nothing
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)
     check_skills(z, skills)
+    specialists = None
+    if lora:
+        from evomerge._zoo_lora import lora_zoo
+
+        specialists = lora_zoo(z, report=print if progress else None)
     tmp = None
     if runs_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="evomerge-bench-quality-")
         runs_dir = Path(tmp.name)
     try:
-        rows = baseline_rows(z, skills, progress=progress, limit=limit)
+        rows = baseline_rows(z, skills, progress=progress, limit=limit, specialists=specialists)
         searches = {}
         for opt in optimizers:
             name = f"quality-{opt}-{time.strftime('%Y%m%d-%H%M%S')}"
-            data = search_config(z, skills, optimizer=opt, trials=trials, workers=workers, executor=executor, seed=seed, keep_pareto_models=False, limit=limit)
+            data = search_config(z, skills, optimizer=opt, trials=trials, workers=workers, executor=executor, seed=seed, keep_pareto_models=False, limit=limit,
+                                 specialists=specialists)
             path = write_config(data, Path(runs_dir), name)
             try:
                 run = create(path, runs_dir=Path(runs_dir), name=name)
@@ -289,7 +314,7 @@ def bench_quality(
         if tmp is not None:
             tmp.cleanup()
     result = quality_table(rows, skills)
-    result.update(zoo=str(z.root), limit=limit, trials=trials, optimizers=list(optimizers), seed=seed, executor=executor, workers=workers, searches=searches)
+    result.update(zoo=str(z.root), sources="lora" if lora else "full", limit=limit, trials=trials, optimizers=list(optimizers), seed=seed, executor=executor, workers=workers, searches=searches)
     result["per_optimizer"] = {opt: _margins(rows, f"{opt}: best mean") for opt in optimizers}
     return result
 

@@ -124,6 +124,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--seed", type=int, default=0, help="seed of every search (default: 0)")
     qu.add_argument("--runs-dir", type=Path, default=None, help="keep the searches' run folders here (default: a temp folder)")
     qu.add_argument("--limit", type=int, default=None, help="examples per skill and split, for a quick look (default: all 500)")
+    qu.add_argument("--lora", action="store_true", help="merge the zoo's LoRA specialists (trained once, next to the zoo) instead of its full fine-tunes")
     qu.add_argument("--json", action="store_true", help="print JSON")
     qu.set_defaults(handler=_run_bench_quality)
 
@@ -163,6 +164,7 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
         seed=args.seed,
         runs_dir=args.runs_dir,
         limit=args.limit,
+        lora=args.lora,
         progress=not args.json,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
+from typing import Optional
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -33,12 +33,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from evomerge.errors import ConfigError
     from evomerge.merge import merge
     from evomerge.merge.budget import MemoryBudget
 
-    if args.rank is not None and args.rank < 1:
-        raise ConfigError(f"--rank must be at least 1, got {args.rank}")
+    check_rank(args.rank)
     budget = MemoryBudget.parse(args.device_memory, args.host_memory, labels=("--device-memory", "--host-memory"))
     summary = merge(
         args.recipe,
@@ -54,11 +52,24 @@ def _run_merge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     elif "rank" in summary:
-        how = "exact" if summary["exact"] else f"truncated by SVD, relative error {summary['error']:.3g} (worst tensor {max(summary['errors'].values()):.3g})"
-        print(f"wrote a rank-{summary['rank']} LoRA adapter of {summary['n_modules']} modules ({how}) in {summary['seconds']:.2f} s -> {summary['out']}")
+        say_adapter(summary)
     else:
         print(
             f"merged {summary['n_tensors']} tensors with {summary['merge_method']} "
             f"in {summary['seconds']:.2f} s -> {summary['out']}"
         )
     return 0
+
+
+def check_rank(rank: Optional[int]) -> None:
+    """--rank, when given, is a positive rank."""
+    from evomerge.errors import ConfigError
+
+    if rank is not None and rank < 1:
+        raise ConfigError(f"--rank must be at least 1, got {rank}")
+
+
+def say_adapter(summary: dict, prefix: str = "") -> None:
+    """One line for a written adapter: its rank, exact or the SVD truncation's error."""
+    how = "exact" if summary["exact"] else f"truncated by SVD, relative error {summary['error']:.3g} (worst tensor {max(summary['errors'].values()):.3g})"
+    print(f"{prefix}wrote a rank-{summary['rank']} LoRA adapter of {summary['n_modules']} modules ({how}) in {summary['seconds']:.2f} s -> {summary['out']}")

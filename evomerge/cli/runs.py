@@ -157,14 +157,22 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder; must not exist or be empty")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     p.add_argument("--storage", help="Optuna storage URL, if the run's was moved")
+    p.add_argument("--adapter", action="store_true", help="write one PEFT LoRA adapter instead of a model (exact for linear merges of adapters)")
+    p.add_argument("--rank", type=int, help="with --adapter: truncate every merged update to this rank by SVD (any merge); the error is printed")
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
     from evomerge.export import export
 
-    summary = export(args.run_dir, args.trial, args.out, overwrite=args.overwrite, storage=args.storage)
-    print(f"wrote trial {summary['trial']} ({summary['merge_method']}, {summary['n_tensors']} tensors) -> {summary['out']}")
+    from evomerge.cli.merge import check_rank, say_adapter
+
+    check_rank(args.rank)
+    summary = export(args.run_dir, args.trial, args.out, overwrite=args.overwrite, storage=args.storage, adapter=args.adapter, rank=args.rank)
+    if "rank" in summary:
+        say_adapter(summary, f"trial {summary['trial']}: ")
+    else:
+        print(f"wrote trial {summary['trial']} ({summary['merge_method']}, {summary['n_tensors']} tensors) -> {summary['out']}")
     return 0
 
 

@@ -33,6 +33,7 @@ def _add_zoo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--default", action="store_true", help="the default recipe, even if DIR was built with --set")
     p.add_argument("--workers", type=int, default=None, help="training processes (default: 2, or 1 on one core)")
+    p.add_argument("--lora", action="store_true", help="also train one PEFT LoRA adapter per skill on the base, in DIR/lora/ (once)")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
     p.set_defaults(handler=_run_zoo)
 
@@ -44,15 +45,26 @@ def _run_zoo(args: argparse.Namespace) -> int:
         raise ConfigError("zoo: --set and --default exclude each other")
     recipe = ZooRecipe().with_overrides(args.set) if args.set or args.default else None  # None: the folder's own
     z = zoo(args.dir, recipe=recipe, rebuild=args.rebuild, progress=not args.json, workers=args.workers)
+    adapters, lora_table = {}, {}
+    if args.lora:
+        from evomerge._zoo_lora import lora_table as read_lora_table
+        from evomerge._zoo_lora import lora_zoo
+
+        adapters = lora_zoo(z, report=None if args.json else print)
+        lora_table = read_lora_table(z)
     if args.json:
         print(json.dumps({"dir": str(z.root), "reused": z.reused, "build_seconds": z.build_seconds, "changes": z.manifest.get("changes", {}),
-                          "models": {k: str(v) for k, v in z.models.items()}, "table": z.table}, indent=2))
+                          "models": {k: str(v) for k, v in z.models.items()}, "table": z.table,
+                          **({"adapters": {k: str(v) for k, v in adapters.items()}, "lora_table": lora_table} if args.lora else {})}, indent=2))
     else:
         how = "reused" if z.reused else f"built in {z.build_seconds:.1f} s"
         changes = z.manifest.get("changes", {})
         how += "; recipe: " + (", ".join(f"{k}={v}" for k, v in changes.items()) if changes else "default")
         print(f"zoo {z.root} ({how}); test exact match per skill:")
         print(format_table(z.table, z.skills))
+        if args.lora:
+            print(f"LoRA specialists in {z.root / 'lora'} (adapters on the base); test exact match per skill:")
+            print(format_table(lora_table, z.skills))
     return 0
 
 

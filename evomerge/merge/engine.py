@@ -313,7 +313,7 @@ class MergeEngine:
                     self._merge_tensor(recipe, method, plan, value)
                 yield plan.name, value
 
-        with atomic_folder(out, overwrite=overwrite) as tmp, _progress(progress, len(plans), f"merging {recipe.merge_method}") as advance:
+        with atomic_folder(out, overwrite=overwrite) as tmp, _progress(progress, len(plans), f"merging {recipe.merge_method}", self.placement.describe()) as advance:
             sizes = [(p.name, math.prod(self.shape(p.name)) * _itemsize(dtype_of(p.name))) for p in plans]
             n_shards = write_safetensors(tmp, tensors(), sizes, shard_bytes, on_tensor=advance)
             write_model_files(tmp, ref, recipe, out_dtype, tok_src, title=out.name)
@@ -462,23 +462,23 @@ def write_model_files(folder: Path, ref: SourceModel, recipe: Recipe, dtype: tor
 
 
 class _progress:
-    """A rich progress bar over tensors, or nothing."""
+    """Progress over tensors as :mod:`evomerge.progress` events (drawn by the CLI), or nothing;
+    its first line says what the engine holds where."""
 
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-        self._bar = None
+    def __init__(self, enabled: bool, total: int, label: str, placement: str = ""):
+        from evomerge.progress import task
+
+        self._task, self._done, self._placement = task(label, total, enabled=enabled), 0, placement
 
     def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+        self._task.__enter__()
+        if self._placement:
+            self._task.say(self._placement)
+        return self._advance
 
-        self._bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
-        self._bar.__enter__()
-        task = self._bar.add_task(self.label, total=self.total)
-        return lambda: self._bar.advance(task)
+    def _advance(self) -> None:
+        self._done += 1
+        self._task.advance(self._done)
 
     def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-        return False
+        return self._task.__exit__(*exc)
