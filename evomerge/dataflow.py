@@ -230,17 +230,21 @@ class DataFlowSpace:
         out = {k: v for k, v in self.uniform_params().items() if k.startswith(("source/", "scale/"))}
         out.update({k: 0 for k in self.distributions() if k.startswith("keep/")})
         p, last = 0, -1
+        taken: dict[tuple[int, str], tuple[str, Optional[float]]] = {}  # (pass, group) -> (source, scale)
         for slot in recipe.slots():
-            if slot.layer <= last:
-                p += 1
+            g = self._group(slot.layer)
+            s = slot.scale("x.o_proj.weight")
+            scale = min(max(1.0 if s is None else s, self.config.scale.low), self.config.scale.high) if self.config.scale else None
+            if slot.layer <= last or taken.get((p, g), (slot.model, scale)) != (slot.model, scale):
+                p += 1  # a group's slots share one source and scale: a different one starts a new pass
             if p >= self.config.passes or slot.model not in self.routed:
                 raise ConfigError(f"{self.where}: a seed recipe's path does not fit {self.config.passes} pass(es) over {', '.join(self.routed)}")
+            taken[(p, g)] = (slot.model, scale)
             out[f"keep/P{p}/L{slot.layer:02d}"] = 1
             if len(self.routed) > 1:
-                out[f"source/P{p}/{self._group(slot.layer)}"] = self.routed.index(slot.model)
-            if self.config.scale is not None:
-                s = slot.scale("x.o_proj.weight")
-                out[f"scale/P{p}/{self._group(slot.layer)}"] = min(max(1.0 if s is None else s, self.config.scale.low), self.config.scale.high)
+                out[f"source/P{p}/{g}"] = self.routed.index(slot.model)
+            if scale is not None:
+                out[f"scale/P{p}/{g}"] = scale
             last = slot.layer
         return {**out, **inner}
 
