@@ -135,6 +135,13 @@ class PythonConfig(EvaluatorConfigBase):
         return v
 
 
+class SizeConfig(EvaluatorConfigBase):
+    """The model's size as metrics to minimize: its decoder layers and its parameters (as
+    the written folder holds them: a layer that runs twice counts twice)."""
+
+    kind: Literal["size"]
+
+
 EvaluatorConfig = EvaluatorConfigBase  # any kind's config model
 
 
@@ -143,6 +150,7 @@ EVALUATORS = Registry("evaluator", {
     "dataset": Kind(DatasetConfig, "evomerge.evaluate.dataset:DatasetEvaluator"),
     "lm_eval": Kind(LmEvalConfig, "evomerge.evaluate.lm_harness:LmEvalEvaluator"),
     "python": Kind(PythonConfig, "evomerge.evaluate.function:PythonEvaluator"),
+    "size": Kind(SizeConfig, "evomerge.evaluate.size:SizeEvaluator"),
 })
 
 

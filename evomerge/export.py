@@ -57,14 +57,9 @@ def export(
     folder = archive.dir / str(trial)
     if not (adapter or rank is not None) and (folder / "config.json").is_file():
         return _copy_member(folder, Path(out), recipe, trial=trial, overwrite=overwrite)
-    from evomerge.merge.engine import MergeEngine
-    from evomerge.merge.recipe import Recipe
+    from evomerge.merge import merge
 
-    parsed = Recipe.from_dict(recipe)
-    engine = MergeEngine.from_recipe(parsed, allow_pickle=run.config.sources.allow_pickle)
-    if adapter or rank is not None:
-        return dict(engine.write_adapter(parsed, Path(out), rank=rank, overwrite=overwrite), trial=trial)
-    return dict(engine.write(parsed, Path(out), overwrite=overwrite), trial=trial)
+    return dict(merge(recipe, Path(out), allow_pickle=run.config.sources.allow_pickle, overwrite=overwrite, adapter=adapter, rank=rank), trial=trial)
 
 
 def _copy_member(folder: Path, out: Path, recipe: dict, *, trial: int, overwrite: bool) -> dict:
@@ -80,4 +75,4 @@ def _copy_member(folder: Path, out: Path, recipe: dict, *, trial: int, overwrite
     for f in sorted(out.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as h:
             n_tensors += len(list(h.keys()))
-    return {"out": str(out), "merge_method": recipe.get("merge_method"), "n_tensors": n_tensors, "trial": trial, "copied_from": str(folder)}
+    return {"out": str(out), "merge_method": recipe.get("merge_method", "chain"), "n_tensors": n_tensors, "trial": trial, "copied_from": str(folder)}

@@ -131,6 +131,62 @@ class Worker:
         self._noted = False
         self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
         self._evaluators: dict[str, list[tuple[str, Any]]] = {}
+        self._router: Any = None  # built on the first layer stack (data-flow search)
+
+    def router(self) -> Any:
+        """The router of layer stacks: every source loaded once, as modules to route through."""
+        if self._router is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from evomerge.merge.routed import Router
+
+            dtype = getattr(torch, self.spec.dtype)
+            models = {s.ref: AutoModelForCausalLM.from_pretrained(s.path, dtype=dtype).to(self.spec.device).eval()
+                      for s in self.engine.sources.values() if s.ref in self.spec.models}
+            self._router = Router(models)
+        return self._router
+
+    def live(self, recipe: Any) -> Any:
+        """The live model of a candidate: the parameter merge written into the live model in
+        place, or a layer stack routed through the sources (a chain's parameter stage merged
+        in place first, then routed through as one more source). Copies no weight."""
+        from evomerge.errors import MergeError
+        from evomerge.merge.chain import RecipeChain
+        from evomerge.merge.recipe import Recipe
+
+        if isinstance(recipe, Recipe):
+            self.engine.merge_into(self.model, recipe)
+            return self.model
+        stages = recipe.stages if isinstance(recipe, RecipeChain) else []
+        for stage in stages:
+            if not isinstance(stage, Recipe) or any(m in recipe.stage_names for m in stage.model_refs):
+                raise MergeError(f"chain stage {stage.name}: a worker chains one parameter merge of the sources into a layer stack")
+            self.engine.merge_into(self.model, stage)
+            self.router().add(stage.name, self.model)
+        final = recipe.final if isinstance(recipe, RecipeChain) else recipe
+        return self.router().route(final)
+
+    def _write_stack(self, recipe: Any, target: Path) -> None:
+        """A routed candidate's folder, from the modules it routes through (no merge again)."""
+        import torch
+
+        from evomerge.merge.chain import RecipeChain
+        from evomerge.merge.stack import write_stack
+
+        final = recipe.final if isinstance(recipe, RecipeChain) else recipe
+        models = self.router().models
+        states: dict[str, dict] = {}
+
+        def tensor(ref: str, name: str) -> Any:
+            if ref not in states:
+                states[ref] = models[ref].state_dict()
+            return states[ref][name]
+
+        sources = self.engine.sources
+        reference = sources.get(final.first_model) or next(iter(sources.values()))
+        write_stack(final, target, tensor=tensor, names=self.engine.names, shape=self.engine.shape,
+                    reference=reference, dtype=getattr(torch, self.spec.dtype), full_recipe=recipe)
 
     def evaluators(self, holdout: bool) -> list[tuple[str, Any]]:
         """(name, evaluator) pairs for the search split or the held-out split, built once."""
@@ -154,21 +210,24 @@ class Worker:
         return result
 
     def _run(self, job: Job) -> JobResult:
+        from evomerge.merge.chain import load_recipe
         from evomerge.merge.recipe import Recipe
 
         merge_s = eval_s = 0.0
         try:
             t0 = time.perf_counter()
-            recipe = Recipe.from_dict(job.recipe)
+            recipe = load_recipe(job.recipe)
             if job.kind == "write":  # a member's folder, rebuilt from its recipe: merged, not scored
+                if not isinstance(recipe, Recipe):
+                    self.live(recipe)  # a layer stack is written from the modules it routes through
                 return self._member(job, recipe, {}, JobResult(job.trial, job.kind, None, None, 0.0, 0.0, self.worker_id))
-            self.engine.merge_into(self.model, recipe)
+            model = self.live(recipe)
             t1 = time.perf_counter()
             merge_s = t1 - t0
             scores: dict[str, float] = {}
             for name, evaluator in self.evaluators(job.kind == "holdout"):
                 limit = job.limit if job.limit is not None else _spec_limit(self.spec, name)
-                for metric, value in evaluator.evaluate(self.model, self.tokenizer, limit=limit).items():
+                for metric, value in evaluator.evaluate(model, self.tokenizer, limit=limit).items():
                     scores[f"{name}/{metric}"] = float(value)
             eval_s = time.perf_counter() - t1
             bad = [k for k, v in scores.items() if not math.isfinite(v)]
@@ -193,6 +252,7 @@ class Worker:
         import tempfile
 
         from evomerge.merge.low_rank import is_lora_live
+        from evomerge.merge.recipe import Recipe
 
         t0 = time.perf_counter()
         folder = Path(req.folder)
@@ -200,7 +260,9 @@ class Worker:
         target = folder if shared else Path(tempfile.mkdtemp(prefix="evomerge-member-")) / folder.name
         try:
             if not target.is_dir():
-                if job.kind == "write" or is_lora_live(self.model):  # merged from the sources, one tensor at a time
+                if not isinstance(recipe, Recipe):  # a layer stack (data-flow search)
+                    self._write_stack(recipe, target)
+                elif job.kind == "write" or is_lora_live(self.model):  # merged from the sources, one tensor at a time
                     self.engine.write(recipe, target)
                 else:
                     self.engine.write_live(self.model, recipe, target)

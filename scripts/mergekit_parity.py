@@ -165,6 +165,50 @@ models:
   - {model: fam/ft2, parameters: {scale: [{filter: mlp, value: 0.5}, {value: 1.0}]}}
 dtype: float32
 """,
+    # data-flow (layer stacks): runs from several models, a repeated layer, branch scales
+    "passthrough_slices": """
+merge_method: passthrough
+slices:
+  - sources: [{model: fam/ft0, layer_range: [0, 3]}]
+  - sources:
+      - model: fam/ft1
+        layer_range: [2, 4]
+        parameters: {scale: [{filter: o_proj, value: 0.6}, {filter: down_proj, value: 0.6}]}
+  - sources: [{model: fam/ft0, layer_range: [2, 3]}]
+  - sources: [{model: fam/base, layer_range: [4, 5]}]
+  - sources:
+      - model: fam/ft2
+        layer_range: [1, 3]
+        parameters: {scale: [{filter: o_proj, value: [1.2, 0.8]}, {filter: down_proj, value: 1.1}]}
+dtype: float32
+""",
+    "passthrough_slices_pruned": """
+merge_method: passthrough
+slices:
+  - sources: [{model: fam/ft2, layer_range: [0, 1]}]
+  - sources: [{model: fam/ft1, layer_range: [3, 5]}]
+dtype: float32
+""",
+    # joint parameter + data-flow: a mergekit-multi chain, the named merge routed through
+    "passthrough_slices_chain": """
+name: merged
+merge_method: task_arithmetic
+base_model: fam/base
+models:
+  - {model: fam/ft0, parameters: {weight: 0.7}}
+  - {model: fam/ft1, parameters: {weight: [0.2, 0.9]}}
+dtype: float32
+---
+merge_method: passthrough
+slices:
+  - sources: [{model: merged, layer_range: [0, 3]}]
+  - sources: [{model: fam/ft2, layer_range: [1, 2]}]
+  - sources:
+      - model: merged
+        layer_range: [3, 5]
+        parameters: {scale: [{filter: o_proj, value: 0.8}, {filter: down_proj, value: 0.8}]}
+dtype: float32
+""",
     "ties_tied_embeddings": """
 merge_method: ties
 base_model: tied/base
@@ -206,10 +250,13 @@ def run_mergekit(mergekit_yaml: str, root: Path) -> None:
     for name in RECIPES:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "out"
-            subprocess.run(
-                [mergekit_yaml, str(root / "recipes" / f"{name}.yaml"), str(out), "--copy-tokenizer", "--no-write-model-card"],
-                cwd=root, check=True, stdout=subprocess.DEVNULL,
-            )
+            recipe = root / "recipes" / f"{name}.yaml"
+            if "\n---" in recipe.read_text():  # a chain: mergekit-multi, beside mergekit-yaml
+                multi = str(Path(mergekit_yaml).with_name("mergekit-multi"))
+                cmd = [multi, str(recipe), "--intermediate-dir", str(Path(tmp) / "stages"), "--out-path", str(out), "--copy-tokenizer", "--no-write-model-card"]
+            else:
+                cmd = [mergekit_yaml, str(recipe), str(out), "--copy-tokenizer", "--no-write-model-card"]
+            subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)
             tensors = {}
             for f in sorted(out.glob("*.safetensors")):
                 tensors.update(load_file(str(f)))
@@ -259,7 +306,7 @@ def main() -> int:
         shutil.rmtree(PARITY, ignore_errors=True)
         build_families(PARITY)
         write_recipes(PARITY)
-        run_mergekit(args.mergekit, PARITY)
+        run_mergekit(str(Path(args.mergekit).resolve()), PARITY)  # mergekit runs in the parity folder
     failed = 0
     print(f"{'recipe':32s} {'max rel err':>12s}  worst tensor")
     for name in RECIPES:

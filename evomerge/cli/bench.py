@@ -128,6 +128,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--json", action="store_true", help="print JSON")
     qu.set_defaults(handler=_run_bench_quality)
 
+    df = bsub.add_parser(
+        "dataflow",
+        help="data-flow search on the zoo: depth pruning, joint vs parameter-only, routing cost",
+        description="On the zoo: a data-flow search with layer count as a second objective (the best member of at "
+        "most 75%% of the base depth against the best full-depth one, on test, the front plotted); a joint "
+        "parameter + data-flow search against the parameter-only one at the same number of evaluations (held-out "
+        "means); and what routing a candidate costs (time, weight bytes) on the zoo and on a synthetic family.",
+    )
+    df.add_argument("--zoo", type=Path, default=None, help="zoo folder, built if missing (default: $EVOMERGE_ZOO_CACHE or .cache/zoo)")
+    df.add_argument("--prune-skill", default="add", help="skill of the pruning search (default: add)")
+    df.add_argument("--skills", default="reverse,count", help="skills of the joint vs parameter-only searches (default: reverse,count)")
+    df.add_argument("--trials", type=int, default=60, help="evaluations per search (default: 60)")
+    df.add_argument("--optimizer", default="nsga2", help="optimizer of every search (default: nsga2)")
+    df.add_argument("--seed", type=int, default=0, help="seed of every search (default: 0)")
+    df.add_argument("--parts", default="routing,prune,joint", help="parts to run, comma-separated (default: all three)")
+    df.add_argument("--params", type=float, default=5e7, help="size of the synthetic family routed (default: 5e7)")
+    df.add_argument("--limit", type=int, default=None, help="examples per skill and split, for a quick look (default: all)")
+    df.add_argument("--runs-dir", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
+    df.add_argument("--plot", type=Path, default=None, help="write the pruning front here (PNG)")
+    df.add_argument("--json", action="store_true", help="print JSON")
+    df.set_defaults(handler=_run_bench_dataflow)
+
     ev = bsub.add_parser(
         "evaluate",
         help="evaluator speed on a zoo model: lm_eval first vs later calls, dataset 500 examples",
@@ -141,6 +163,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(handler=_run_bench_evaluate)
+
+
+def _run_bench_dataflow(args: argparse.Namespace) -> int:
+    from evomerge.bench.dataflow import bench_dataflow, format_table
+
+    parts = _names(args.parts)
+    unknown = [p for p in parts if p not in ("routing", "prune", "joint")]
+    if unknown:
+        raise ConfigError(f"--parts: unknown part {unknown[0]!r} (known: routing, prune, joint)")
+    if args.trials < 1:
+        raise ConfigError(f"--trials must be at least 1, got {args.trials}")
+    result = bench_dataflow(zoo_dir=args.zoo, prune_skill=args.prune_skill, skills=_names(args.skills), trials=args.trials,
+                            optimizer=args.optimizer, seed=args.seed, runs_dir=args.runs_dir, plot=args.plot, limit=args.limit,
+                            n_params=args.params, parts=parts, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
 
 
 def _run_bench_evaluate(args: argparse.Namespace) -> int:

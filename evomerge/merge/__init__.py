@@ -13,7 +13,7 @@ __all__ = ["MergeEngine", "Recipe", "merge"]
 
 
 def merge(
-    recipe: str | Path | Recipe | dict,
+    recipe: Any,
     out: str | Path,
     *,
     device: str = "cpu",
@@ -24,7 +24,8 @@ def merge(
     rank: int | None = None,
     budget: MemoryBudget | None = None,
 ) -> dict[str, Any]:
-    """Merge the models a recipe names into a Hugging Face folder at ``out``, or, with
+    """Merge the models a recipe names into a Hugging Face folder at ``out`` (a
+    ``models:`` merge, a ``slices:`` layer stack, or a chain of them), or, with
     ``adapter``, into one PEFT LoRA adapter (exact for a linear merge of adapters; with
     ``rank``, truncated by SVD, its error reported).
 
@@ -36,14 +37,21 @@ def merge(
         {'out': 'merged', 'merge_method': 'ties', 'n_tensors': 20, ...}
     """
     from evomerge.io import check_output_folder
+    from evomerge.merge.chain import load_recipe
+    from evomerge.merge.stack import build_stack
 
     base_dir = None
-    if isinstance(recipe, dict):
-        recipe = Recipe.from_dict(recipe)
-    if not isinstance(recipe, Recipe):
+    if isinstance(recipe, (str, Path)):
         base_dir = Path(recipe).resolve().parent
-        recipe = Recipe.from_yaml(Path(recipe))
+        recipe = Path(recipe)
+    recipe = load_recipe(recipe)
     check_output_folder(Path(out), overwrite)
+    if not isinstance(recipe, Recipe):  # a layer stack (slices:), alone or ending a chain
+        if adapter or rank is not None:
+            from evomerge.errors import MergeError
+
+            raise MergeError("--adapter: a layer stack changes the depth; it has no adapter form")
+        return build_stack(recipe, Path(out), allow_pickle=allow_pickle, base_dir=base_dir, device=device, overwrite=overwrite)
     # No trust_remote_code is ever needed here: configs are read as JSON, weights as safetensors.
     engine = MergeEngine.from_recipe(recipe, allow_pickle=allow_pickle, base_dir=base_dir, device=device, budget=budget or MemoryBudget())
     if adapter or rank is not None:

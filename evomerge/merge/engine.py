@@ -442,10 +442,12 @@ def write_safetensors(
     return len(shards)
 
 
-def write_model_files(folder: Path, ref: SourceModel, recipe: Recipe, dtype: torch.dtype, tokenizer: SourceModel, *, title: str) -> None:
-    """Everything of a model folder but its weights: config (with the dtype written),
-    generation config, tokenizer, chat template, the recipe and a model card."""
-    config = dict(ref.config)
+def write_model_files(folder: Path, ref: SourceModel, recipe: Any, dtype: torch.dtype, tokenizer: SourceModel, *, title: str,
+                      config_changes: Optional[dict[str, Any]] = None) -> None:
+    """Everything of a model folder but its weights: config (with the dtype written, and
+    ``config_changes``: a layer stack's depth), generation config, tokenizer, chat
+    template, the recipe (any recipe object with ``to_yaml``) and a model card."""
+    config = dict(ref.config, **(config_changes or {}))
     dtype_key = "torch_dtype" if "torch_dtype" in config else "dtype"
     config[dtype_key] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -454,11 +456,12 @@ def write_model_files(folder: Path, ref: SourceModel, recipe: Recipe, dtype: tor
         shutil.copy2(gen, folder / gen.name)
     for f in tokenizer.tokenizer_files():
         shutil.copy2(f, folder / f.name)
-    if recipe.chat_template:
-        (folder / "chat_template.jinja").write_text(recipe.chat_template)
+    final = getattr(recipe, "final", recipe)  # a chain's output recipe
+    if final.chat_template:
+        (folder / "chat_template.jinja").write_text(final.chat_template)
     text = recipe.to_yaml()
     (folder / "merge_recipe.yaml").write_text(text)
-    (folder / "README.md").write_text(model_card(text, base_model=recipe.base_model, models=recipe.model_refs, title=title))
+    (folder / "README.md").write_text(model_card(text, base_model=getattr(final, "base_model", None), models=recipe.model_refs, title=title))
 
 
 class _progress:

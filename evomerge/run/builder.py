@@ -119,9 +119,9 @@ def build(
             ref = tuple(cfg.scalarization.reference) if cfg.scalarization.reference else None
             scal = Scalarization(cfg.scalarization.kind, tuple(weights), ref)
         optimizer = build_optimizer(cfg.optimizer.name, space.distributions(), objectives, scalarization=scal, seed=cfg.seed, options=dict(cfg.optimizer.options))
-    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.chain import load_recipe
 
-    seed_points = [space.params_from_recipe(Recipe.from_yaml(Path(r))) for r in cfg.seed_recipes]
+    seed_points = [space.params_from_recipe(load_recipe(Path(r))) for r in cfg.seed_recipes]
     stages = Stages.from_config(cfg.fidelity, holdout=any(e.holdout_split for e in specs))
     return Parts(cfg, Path(run_dir), sources, space, specs, objectives, optimizer, stages, seed_points, lora_live=_lora_live(cfg, sources, space))
 
@@ -145,12 +145,9 @@ def _lora_live(cfg: RunConfig, sources: list[Any], space: Any) -> bool:
 
 
 def _space(cfg: RunConfig, num_layers: int) -> Any:
-    from evomerge.space import SearchSpace
+    from evomerge.dataflow import build_space
 
-    kwargs = dict(base_model=cfg.sources.base_model, models=cfg.sources.models, num_layers=num_layers)
-    if isinstance(cfg.search_space, str):
-        return SearchSpace.from_yaml(cfg.search_space, **kwargs)
-    return SearchSpace.from_dict(cfg.search_space, where="search_space", **kwargs)
+    return build_space(cfg.search_space, base_model=cfg.sources.base_model, models=cfg.sources.models, num_layers=num_layers)
 
 
 def _evaluators(cfg: RunConfig, given: Optional[Sequence[Any]]) -> tuple[list[EvaluatorSpec], dict[str, str]]:

@@ -155,16 +155,13 @@ class Run:
 
     def space(self) -> Any:
         """The search space, built from the config and the layer count the study keeps."""
-        from evomerge.space import SearchSpace
+        from evomerge.dataflow import build_space
 
         num_layers = self.attrs().get(LAYERS_ATTR)
         if num_layers is None:
             raise ConfigError(f"{self.run_dir}: the study does not record the sources' layer count (made before evomerge kept it)")
         s = self.config.sources
-        kwargs = dict(base_model=s.base_model, models=s.models, num_layers=num_layers)
-        if isinstance(self.config.search_space, str):
-            return SearchSpace.from_yaml(self.config.search_space, **kwargs)
-        return SearchSpace.from_dict(self.config.search_space, where="search_space", **kwargs)
+        return build_space(self.config.search_space, base_model=s.base_model, models=s.models, num_layers=num_layers)
 
     def trials_done(self) -> int:
         """COMPLETE + PRUNED trials so far: what the trial budget counts."""
