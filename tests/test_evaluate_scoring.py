@@ -180,3 +180,22 @@ def test_real_llm_scores_match_the_old_scorer(tmp_path):
     before = old.greedy_generate(model, prompts, max_new_tokens=6, batch_size=8, pad_id=tok.pad_token_id, eos_ids=eos)
     after = _generate.greedy_generate(model, prompts, max_new_tokens=6, batch_size=8, pad_id=tok.pad_token_id, eos_ids=eos, stop="\n", tokenizer=tok)
     assert [_cut(t, "\n") for t in tok.batch_decode(after, skip_special_tokens=True)] == [_cut(t, "\n") for t in tok.batch_decode(before, skip_special_tokens=True)]
+
+
+# ---------------------------------------------------------------- bench evaluate --model
+@pytest.mark.parametrize("preset,sets", [("bench/tasks/zoo_add_mc.yaml", []), ("zoo_add", ["--set", "decoding=greedy"])])
+def test_bench_evaluate_model_agrees_with_lm_eval_and_reports_peak(zoo, capsys, preset, sets):
+    import json
+
+    from evomerge.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    preset = str(repo / preset) if preset.endswith(".yaml") else preset
+    args = ["bench", "evaluate", "--model", str(zoo.models["add"]), "--evaluator", preset, "--limit", "40", "--repeats", "1", "--json"]
+    assert main(args + sets) == 0
+    r = json.loads(capsys.readouterr().out)
+    ours, theirs = r["evomerge"], r["lm_eval"]
+    metric = "acc" if "acc" in theirs["scores"] else "exact_match"
+    assert ours["scores"][{"acc": "acc", "exact_match": "accuracy"}[metric]] == pytest.approx(theirs["scores"][metric])
+    assert r["examples"] == 40 and r["matmul_gflops"] > 0 and 0 < ours["fraction_of_peak"] and 0 < theirs["fraction_of_peak"]
+    assert ours["body_tokens"] < theirs["body_tokens"] and r["speedup"] == pytest.approx(theirs["seconds"] / ours["seconds"], rel=0.02)
