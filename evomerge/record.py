@@ -8,6 +8,11 @@ evaluation, ``screen_scores`` those of the low-fidelity screening of a PRUNED tr
 ``holdout_scores`` those of the held-out split; the per-objective values are read
 out of them, never stored beside them.
 
+A trial is re-scored on the held-out split after it is COMPLETE (and Optuna keeps a
+finished trial's attributes fixed), so those scores are study user attributes named
+:func:`holdout_key`; :func:`holdout_scores` reads them (or the trial's own attribute,
+where runs of an earlier version kept them).
+
 Example:
     >>> import optuna
     >>> optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -30,7 +35,7 @@ FIELDS: dict[str, str] = {
     "scores": "every metric of the full evaluation",
     "screen_scores": "every metric of the screening (low fidelity)",
     "screen_fidelity": "the limit the screening ran with",
-    "holdout_scores": "every metric on the held-out split (front candidates)",
+    "holdout_scores": "every metric on the held-out split (runs of earlier versions; now a study attribute)",
     "fidelity": "'full' once fully scored",
     "merge_seconds": "seconds the worker spent merging (full evaluation)",
     "eval_seconds": "seconds the worker spent evaluating (full evaluation)",
@@ -44,6 +49,38 @@ FIELDS: dict[str, str] = {
     "baseline": "the baseline or seed recipe it is, if any",
     "requeued_from": "the crashed trial whose candidate it asks again",
 }
+
+
+HOLDOUT_PREFIX = "holdout_scores/"
+
+
+def holdout_key(number: int) -> str:
+    """The study user attribute holding trial ``number``'s held-out scores.
+
+    >>> holdout_key(12)
+    'holdout_scores/12'
+    """
+    return f"{HOLDOUT_PREFIX}{number}"
+
+
+def holdouts(study_attrs: Mapping[str, Any]) -> dict[int, dict[str, float]]:
+    """Every trial's held-out scores, from the study's user attributes.
+
+    >>> holdouts({"holdout_scores/3": {"a": 0.5}, "reference_point": [0.1]})
+    {3: {'a': 0.5}}
+    """
+    return {int(k[len(HOLDOUT_PREFIX) :]): v for k, v in study_attrs.items() if k.startswith(HOLDOUT_PREFIX)}
+
+
+def write_holdout(study: Any, number: int, scores: Mapping[str, float]) -> None:
+    """Store trial ``number``'s held-out scores (the trial may be finished)."""
+    study.set_user_attr(holdout_key(number), dict(scores))
+
+
+def holdout_scores(trial: Any, held: Mapping[int, Mapping[str, float]]) -> Optional[dict[str, float]]:
+    """The trial's held-out scores: from ``held`` (:func:`holdouts`), else its own record."""
+    found = held.get(trial.number)
+    return dict(found) if found is not None else trial.user_attrs.get("holdout_scores")
 
 
 def write(trial: Any, **fields: Any) -> None:

@@ -86,12 +86,15 @@ def format_status(s: dict[str, Any]) -> str:
         total = s["merge_seconds"] + s["eval_seconds"]
         share = f"{100 * s['merge_seconds'] / total:.0f}% merging, {100 * s['eval_seconds'] / total:.0f}% evaluating" if total else ""
         lines.append(f"throughput: {s['trials_per_hour']:.0f} trials/hour; {share}")
-    lines.append(f"Pareto front ({len(s['pareto'])}):")
+    pending = s.get("holdout_pending")
+    lines.append(f"Pareto front ({len(s['pareto'])})" + (f"; {len(pending)} not re-scored on the held-out split yet (trials {', '.join(map(str, pending))}):" if pending else ":"))
     for m in s["pareto"]:
         vals = "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["values"]))
         held = ""
         if m["holdout_values"]:
             held = "  held-out " + "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["holdout_values"]) if v is not None)
+        if pending and m["trial"] in pending:
+            held = "  held-out: not re-scored yet"
         lines.append(f"  trial {m['trial']:4d}  {vals}{held}  {m['path']}")
     lines += format_errors(s.get("errors", []))
     return "\n".join(lines)

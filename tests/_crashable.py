@@ -1,7 +1,7 @@
 """Run the evomerge CLI with phase markers, so a test can SIGKILL it at chosen moments.
 
 Environment: EVOMERGE_PHASE_FILE (phases appended as they start: merge, evaluate,
-pareto_write), EVOMERGE_JOB_LOG (one line per submitted job: trial kind),
+holdout (an evaluation on the held-out split), pareto_write), EVOMERGE_JOB_LOG (one line per submitted job: trial kind),
 EVOMERGE_TARGETS (the two fine-tunes the distance evaluator measures).
 """
 
@@ -30,15 +30,19 @@ def mark(path_env: str, text: str) -> None:
 
 
 class SlowDistance(DistanceEvaluator):
+    phase = "evaluate"
+
     def evaluate(self, model, tokenizer, *, limit=None):
-        mark("EVOMERGE_PHASE_FILE", "evaluate")
+        mark("EVOMERGE_PHASE_FILE", self.phase)
         time.sleep(0.05)
         return super().evaluate(model, tokenizer, limit=limit)
 
 
 def build(preset, split="validation", **options):
     a, b = os.environ["EVOMERGE_TARGETS"].split(os.pathsep)
-    return SlowDistance({"ft0": a, "ft1": b})
+    ev = SlowDistance({"ft0": a, "ft1": b})
+    ev.phase = "evaluate" if split == "validation" else "holdout"
+    return ev
 
 
 evomerge.evaluate.build_evaluator = build

@@ -152,15 +152,26 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     ev = bsub.add_parser(
         "evaluate",
-        help="evaluator speed on a zoo model: lm_eval first vs later calls, dataset 500 examples",
-        description="Time the lm_eval evaluator's first call (tasks loaded, requests built) against "
+        help="evaluator speed: evomerge vs lm-eval's HF backend on a model (--model, --evaluator), or on a zoo model",
+        description="With --model DIR --evaluator PRESET (a dataset evaluator, multiple_choice or generate): "
+        "score the model with evomerge's evaluator and with lm-eval's HF backend (a task YAML over the same "
+        "rows), in one run; print both accuracies, the throughput ratio, scored tokens per second and the "
+        "fraction of the machine's matmul rate (measured in the same run) each reaches; best of --repeats. "
+        "Without them: time the lm_eval evaluator's first call (tasks loaded, requests built) against "
         "later calls on the same live model (target: under a third), and the dataset evaluator on "
         "500 examples of a zoo skill (target: under 1 s on two cores). Builds the zoo if needed.",
     )
     ev.add_argument("--zoo", type=Path, default=None, help="zoo folder, built if missing (default: $EVOMERGE_ZOO_CACHE or .cache/zoo)")
     ev.add_argument("--skill", default="add", help="zoo skill whose specialist is scored (default: add)")
-    ev.add_argument("--repeats", type=int, default=5, help="later calls timed; the median is kept (default: 5)")
+    ev.add_argument("--repeats", type=int, default=5, help="later calls timed; the median is kept (default: 5; with --model: the best of them)")
     ev.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
+    ev.add_argument("--model", type=Path, default=None, help="a model folder: compare evomerge's evaluator with lm-eval's HF backend on it (needs --evaluator)")
+    ev.add_argument("--evaluator", default=None, help="with --model: a dataset evaluator preset or YAML file (multiple_choice or generate)")
+    ev.add_argument("--split", default=None, help="with --model: the evaluator's split (default: the preset's)")
+    ev.add_argument("--limit", type=int, default=None, help="with --model: examples scored (a fixed seeded subset; default: the preset's)")
+    ev.add_argument("--batch-size", type=int, default=None, help="with --model: batch size of both scorers (default: the preset's)")
+    ev.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="with --model: change a field of the preset (YAML value), e.g. decoding=greedy; repeatable")
+    ev.add_argument("--device", default="cpu", help="with --model: cpu or cuda (default: cpu)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(handler=_run_bench_evaluate)
 
@@ -184,7 +195,29 @@ def _run_bench_dataflow(args: argparse.Namespace) -> int:
 def _run_bench_evaluate(args: argparse.Namespace) -> int:
     from evomerge.bench.evaluate import bench_evaluate, format_table
 
+    if args.model is not None or args.evaluator is not None:
+        return _run_bench_evaluate_model(args)
     result = bench_evaluate(zoo_dir=args.zoo, skill=args.skill, repeats=args.repeats, threads=args.threads, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _run_bench_evaluate_model(args: argparse.Namespace) -> int:
+    import yaml
+
+    from evomerge.bench.evaluate_model import bench_evaluate_model, format_table
+    from evomerge.errors import ConfigError
+
+    if args.model is None or args.evaluator is None:
+        raise ConfigError("bench evaluate: --model and --evaluator go together (without both: the zoo timing)")
+    options = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ConfigError(f"bench evaluate: --set {item!r}: expected FIELD=VALUE")
+        options[field] = yaml.safe_load(value)
+    result = bench_evaluate_model(args.model, args.evaluator, split=args.split, limit=args.limit, options=options,
+                                  batch_size=args.batch_size, threads=args.threads, device=args.device, repeats=args.repeats)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from evomerge.config import DatasetConfig, Direction, Limit
 from evomerge.errors import ConfigError, EvaluationError
-from evomerge.evaluate import _scoring
+from evomerge.evaluate import _generate, _scoring
 from evomerge.evaluate._templates import fields, is_plain_field, render
 from evomerge.evaluate.base import Evaluator, subset_indices
 
@@ -234,8 +234,15 @@ class DatasetEvaluator(Evaluator):
         eos = [stop_ids[0]] if len(stop_ids) == 1 else []
         if tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
-        outs = _scoring.greedy_generate(
-            model, [enc["prompts"][i] for i in idx], max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, pad_id=pad, eos_ids=eos
+        outs = _generate.greedy_generate(
+            model,
+            [enc["prompts"][i] for i in idx],
+            max_new_tokens=c.max_new_tokens,
+            batch_size=c.batch_size,
+            pad_id=pad,
+            eos_ids=eos,
+            stop=c.stop or None,
+            tokenizer=tokenizer,
         )
         texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
         scores: dict[str, list[float]] = {m: [] for m in self._base}

@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from evomerge import record
 from evomerge.errors import ConfigError
 from evomerge.run.builder import Parts, build, prepare_config
 from evomerge.run.handle import CONFIG_NAME, Run
@@ -133,13 +134,15 @@ class Search:
                 if own:
                     executor.shutdown()
             archive.write_model = self._write_model  # the workers are gone: nothing more to write
-            front = archive.sync(study.get_trials(deepcopy=False))
+            front = archive.sync(study.get_trials(deepcopy=False), holdout=record.holdouts(study.user_attrs))
         self.save_plots(study, front)
         out = summary(self.handle, study, archive, elapsed=state.elapsed)
         out["stopped"] = state.stopped
         out["errors"] = grouped_errors(state.errors)
         out["members_written"] = state.members_written
         out["write_seconds"] = state.write_seconds
+        out["holdout_jobs"] = state.holdout_jobs
+        out["holdout_seconds"] = state.holdout_seconds
         return out
 
     def save_plots(self, study: Any, front: list) -> list[Path]:

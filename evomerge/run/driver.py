@@ -3,10 +3,19 @@
 A :class:`Driver` receives the study, an optimizer, an executor, an archive and the
 stages, the way an Optuna study receives a sampler; it owns none of them and builds
 nothing. For each candidate the optimizer asks, ``to_recipe`` turns its params into a
-recipe, the executor merges and scores it on a worker (screen, full, held-out, as the
+recipe, the executor merges and scores it on a worker (screen, then full, as the
 stages say), and the result comes back here: the trial's record is written
 (:mod:`evomerge.record`), the optimizer tells the study, and the archive brings the
 Pareto folder in line. The driver alone talks to the storage.
+
+Held-out scoring never holds a candidate back. When the run has held-out splits, the
+members of the current front that have no held-out scores yet are re-scored in worker
+slots the optimizer leaves idle (a CMA-ES generation waiting on its last candidates,
+the budget's last trials in flight) and, at the end of the session, for every member
+of the final front: a member is re-scored once, whatever later joins the front, and
+only members still on the front when a slot frees up. Their scores are study user
+attributes (:func:`evomerge.record.holdout_key`), so a resumed run re-scores exactly
+the members still missing.
 
 Example:
     >>> driver = Driver(study, optimizer=opt, executor=SerialExecutor(spec), archive=archive,
@@ -37,7 +46,7 @@ class _Pending:
 
     trial: Any  # optuna.trial.Trial
     recipe: dict
-    stage: str  # "screen", "full" or "holdout"
+    stage: str  # "screen" or "full"
     full: Optional[JobResult] = None
 
 
@@ -55,6 +64,8 @@ class RunState:
     elapsed: float = 0.0
     write_seconds: float = 0.0  # workers' time writing front members' folders
     members_written: int = 0
+    holdout_jobs: int = 0  # front members re-scored on the held-out split in this session
+    holdout_seconds: float = 0.0  # workers' time on them (merge and evaluation)
 
 
 @dataclass
@@ -117,12 +128,17 @@ class Driver:
         self.members, self.writes = members, writes
         self._pending: dict[int, _Pending] = {}
         self._front: list[list[float]] = []  # objective values of the archive's front, kept in step
+        self._front_trials: list[Any] = []
+        self._held: dict[int, dict] = {}  # trial -> held-out scores (study user attributes)
+        self._holdout_running: set[int] = set()
+        self._holdout_failed: set[int] = set()  # not tried again in this session
 
     # ------------------------------------------------------------------ loop
     def run(self, *, trials: Optional[int] = None, timeout: Optional[float] = None) -> RunState:
         """Run until ``trials`` COMPLETE + PRUNED trials exist, or ``timeout`` seconds pass."""
         state = self._count()
-        self._front = self._values(self.archive.sync(self.study.get_trials(deepcopy=False)))  # missing member folders are queued
+        self._held = record.holdouts(self.study.user_attrs) if self.stages.holdout else {}
+        self._sync()  # missing member folders are queued
         start = time.monotonic()
         done_before = state.complete + state.pruned  # failures count per session: a resume starts afresh
         max_failures = max(FAILURES_BEFORE_ANY_SUCCESS, 2 * (trials or 10))
@@ -143,6 +159,9 @@ class Driver:
                     if not time_up and free > 0 and (remaining is None or remaining > 0) and state.stopped is None:
                         for trial in self.optimizer.ask(self.study, free if remaining is None else min(free, remaining)):
                             self._dispatch(trial)
+                            free -= 1
+                    if free > 0 and not (self.lease is not None and self.lease.lost):
+                        self._submit_holdouts(free)  # slots the optimizer leaves idle, and the session's end
                     if ex.in_flight() == 0:
                         break
                     for result in ex.poll():
@@ -167,6 +186,36 @@ class Driver:
         kind, limit = self.stages.first()
         self._pending[trial.number] = _Pending(trial, recipe, kind)
         self.executor.submit(self._job(trial.number, recipe, kind, limit))
+
+    def holdout_todo(self) -> list[Any]:
+        """Front members without held-out scores, none in flight, oldest first."""
+        if not self.stages.holdout:
+            return []
+        skip = self._held.keys() | self._holdout_running | self._holdout_failed
+        return [t for t in self._front_trials if t.number not in skip]
+
+    def _submit_holdouts(self, free: int) -> None:
+        for t in self.holdout_todo()[:free]:
+            self._holdout_running.add(t.number)
+            self.executor.submit(Job(t.number, record.get(t, "recipe"), kind="holdout"))
+
+    def _holdout_done(self, r: JobResult, state: RunState) -> None:
+        self._holdout_running.discard(r.trial)
+        state.holdout_jobs += 1
+        state.holdout_seconds += r.merge_seconds + r.eval_seconds
+        if r.error is not None or r.scores is None:
+            self._holdout_failed.add(r.trial)
+            state.errors.append((r.trial, f"held-out scoring: {r.error}"))
+            return
+        record.write_holdout(self.study, r.trial, r.scores)
+        self._held[r.trial] = dict(r.scores)
+        self._sync()
+
+    def _sync(self) -> list[Any]:
+        """Bring the Pareto folder and pareto.json in line with the study; returns the front."""
+        front = self.archive.sync(self.study.get_trials(deepcopy=False), holdout=self._held)
+        self._front_trials, self._front = front, self._values(front)
+        return front
 
     def _job(self, trial: int, recipe: dict, kind: str, limit: Any = None) -> Job:
         """A job; a full one carries the request to write its folder if it may join the front."""
@@ -210,6 +259,9 @@ class Driver:
             if r.error is not None:
                 state.errors.append((r.trial, f"writing its folder: {r.error}"))
             return
+        if r.kind == "holdout":
+            self._holdout_done(r, state)
+            return
         p = self._pending.get(r.trial)
         if p is None:
             return
@@ -235,15 +287,7 @@ class Driver:
             p.stage = step
             self.executor.submit(self._job(r.trial, p.recipe, step))
             return
-        if r.kind == "full":
-            p.full = r
-            step = self.stages.after("full", self._vector(r.scores), front=self._front, objectives=self.objectives)
-            if step != "complete":
-                p.stage = step
-                self.executor.submit(self._job(r.trial, p.recipe, step))
-                return
-        else:  # holdout of a front candidate
-            record.write(p.trial, holdout_scores=r.scores)
+        p.full = r
         self._complete(p, state)
 
     def _complete(self, p: _Pending, state: RunState) -> None:
@@ -263,9 +307,7 @@ class Driver:
             best = state.best.get(o.metric)
             if best is None or (v > best if o.direction == "maximize" else v < best):
                 state.best[o.metric] = v
-        front = self.archive.sync(self.study.get_trials(deepcopy=False))
-        self._front = self._values(front)
-        state.front_size = len(front)
+        state.front_size = len(self._sync())
 
     def _vector(self, scores: dict[str, float]) -> list[float]:
         return [float(scores[o.metric]) for o in self.objectives]

@@ -9,13 +9,18 @@ from evomerge.pareto import hypervolume
 
 
 def summary(run: Any, study: Any, archive: Any, *, elapsed: float = 0.0, trials: Optional[list] = None) -> dict[str, Any]:
-    """Counts by state, the front (trial, values, held-out values, path) and its hypervolume."""
+    """Counts by state, the front (trial, values, held-out values, path) and its hypervolume;
+    ``holdout_pending``: the front members not re-scored on the held-out split yet (the run
+    has held-out splits), or None (it has none)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False) if trials is None else trials
     objectives = run.objectives
     front = archive.front(trials)
-    ref = run.config.reference_point or (study.user_attrs if study is not None else _user_attrs(run)).get("reference_point")
+    attrs = study.user_attrs if study is not None else _user_attrs(run)
+    ref = run.config.reference_point or attrs.get("reference_point")
+    held = record.holdouts(attrs)
+    has_holdout = any(e.holdout_split for e in run.config.evaluators)
     count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
     values = lambda t: record.objective_values(t, objectives)  # noqa: E731
     return {
@@ -30,19 +35,20 @@ def summary(run: Any, study: Any, archive: Any, *, elapsed: float = 0.0, trials:
             {
                 "trial": t.number,
                 "values": values(t),
-                "holdout_values": _held(t, objectives),
+                "holdout_values": _held(t, held, objectives),
                 "path": str(archive.dir / str(t.number)),
             }
             for t in front
         ],
+        "holdout_pending": [t.number for t in front if record.holdout_scores(t, held) is None] if has_holdout else None,
         "hypervolume": hypervolume([values(t) for t in front], objectives, ref) if ref else 0.0,
         "elapsed_seconds": elapsed,
     }
 
 
-def _held(t: Any, objectives: list) -> Optional[list]:
-    held = record.get(t, "holdout_scores")
-    return [held.get(o.metric) for o in objectives] if held else None
+def _held(t: Any, held: dict, objectives: list) -> Optional[list]:
+    scores = record.holdout_scores(t, held)
+    return [scores.get(o.metric) for o in objectives] if scores else None
 
 
 def _user_attrs(run: Any) -> dict[str, Any]:

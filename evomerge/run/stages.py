@@ -1,9 +1,11 @@
-"""The stages a candidate goes through: screen (optional), full evaluation, held-out check.
+"""The stages a candidate goes through: screen (optional), then full evaluation.
 
 A candidate is screened on a subset when the run has ``fidelity:``; one the front
 already beats by more than the slack is PRUNED there. Every other one is fully
-scored: those are its scores. A fully scored candidate that the front does not
-dominate is scored once more on the held-out split when an evaluator has one.
+scored: those are its scores, and the trial is COMPLETE. Held-out scoring (``holdout``:
+an evaluator has a held-out split) is no stage of a candidate: the driver re-scores
+front members in worker slots the optimizer leaves idle and at the end of a session
+(:mod:`evomerge.run.driver`).
 
 Example:
     >>> from evomerge.objective import Objective
@@ -13,9 +15,9 @@ Example:
     >>> objs = [Objective("a", "maximize")]
     >>> stages.after("screen", [0.4], front=[[0.9]], objectives=objs)   # beaten: pruned
     'prune'
-    >>> stages.after("full", [0.95], front=[[0.9]], objectives=objs)    # may join the front
-    'holdout'
-    >>> stages.after("holdout", [0.95], front=[[0.9]], objectives=objs)
+    >>> stages.after("screen", [0.95], front=[[0.9]], objectives=objs)  # may join the front
+    'full'
+    >>> stages.after("full", [0.95], front=[[0.9]], objectives=objs)
     'complete'
 """
 
@@ -51,10 +53,8 @@ class Stages:
 
     def after(self, kind: str, values: Sequence[float], *, front: Sequence[Sequence[float]], objectives: Sequence[Any]) -> str:
         """What follows a job of ``kind`` whose objective values are ``values``:
-        ``prune``, the next job's kind (``full``, ``holdout``), or ``complete``."""
+        ``prune``, the next job's kind (``full``), or ``complete``."""
         if kind == "screen":
             assert self.screen is not None
             return "prune" if dominated_by_front(values, front, objectives, self.screen.slack) else "full"
-        if kind == "full" and self.holdout and not dominated_by_front(values, front, objectives):
-            return "holdout"
         return "complete"
