@@ -3,17 +3,21 @@
 Three parts, from one invocation:
 
 - **pruning** (``--prune-skill``, default ``add``): a data-flow search over the base and
-  that skill's specialist (``dataflow_prune``: keep or skip each layer, from either
-  model) with the skill's accuracy and ``size/layers`` as objectives. Among all complete
+  that skill's specialist (``dataflow_prune``: keep or skip each layer, one model for the
+  whole path) with the skill's accuracy and ``size/layers`` as objectives, seeded with
+  both models at full depth (the base is the uniform point, the specialist a seed
+  recipe). Among all complete
   trials, the best full-depth one and the best one of at most 75% of the base's depth
   are picked on validation, exported (``evomerge export``) and scored on **test**; the
   ratio of their test accuracies is the figure. The front (validation accuracy against
   depth) is plotted.
 - **joint vs parameter-only** (``--skills``, default ``reverse,count``): one search in
   the parameter space ``task_arithmetic_global`` and one in ``dataflow_joint`` (the same
-  merge as one more source, plus a per-layer path), same optimizer, seed and number of
-  evaluations, one objective per skill; each one's front member best on the validation
-  mean is reported with its test mean.
+  merge as one more source, plus a source per block of two layers, no layer skipped),
+  same optimizer, seed and number of evaluations, one objective per skill; both start
+  from the same point (the uniform merge at full depth, recorded as
+  ``start_validation_mean``); each one's front member best on the validation mean is
+  reported with its test mean.
 - **routing cost**: a candidate's "merge" step (routing) timed on the zoo and on a
   synthetic family ``--params`` large, with the bytes of weight the routed model holds
   that the sources do not (0: nothing copied).
@@ -38,7 +42,7 @@ KEEP_SHARE = 0.9  # ... that keep at least this share of the best full-depth mem
 
 
 def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, *, trials: int, seed: int, optimizer: str,
-            size: bool, limit: Optional[int]) -> dict[str, Any]:
+            size: bool, limit: Optional[int], seeds: Sequence[Path] = ()) -> dict[str, Any]:
     evaluators = [{"preset": f"zoo_{s}", "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills]
     objectives = [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills]
     if size:
@@ -53,7 +57,22 @@ def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, 
         "budget": {"trials": trials},
         "seed": seed,
         "keep_pareto_models": True,
+        "seed_recipes": [str(p) for p in seeds],
     }
+
+
+def _full_depth_seeds(refs: Sequence[Path], depth: int, folder: Path) -> list[Path]:
+    """One ``slices:`` recipe per source: the source itself at full depth (seed points)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ref in refs:
+        path = folder / f"full-{Path(ref).name}.yaml"
+        path.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
+                                        "slices": [{"sources": [{"model": str(ref), "layer_range": [0, depth]}]}]}))
+        out.append(path)
+    return out
 
 
 def _search(data: dict[str, Any], runs_dir: Path, name: str, progress: bool) -> Any:
@@ -77,10 +96,15 @@ def prune_part(zoo: Any, skill: str, *, trials: int, seed: int, optimizer: str, 
     from evomerge.evaluate import build_evaluator, evaluate
     from evomerge.export import export
 
+    import json
+
+    t0 = time.perf_counter()
     name = f"dataflow-prune-{time.strftime('%H%M%S')}"
+    depth = int(json.loads((Path(zoo.base) / "config.json").read_text())["num_hidden_layers"])
+    # the base at full depth is the uniform point; the specialist at full depth is a seed
+    seeds = _full_depth_seeds([zoo.models[skill]], depth, runs_dir / f"{name}-seeds")
     run, summary = _search(_config(zoo, [skill], [skill], "dataflow_prune", trials=trials, seed=seed, optimizer=optimizer,
-                                   size=True, limit=limit), runs_dir, name, progress)
-    depth = run.sources[0].num_layers
+                                   size=True, limit=limit, seeds=seeds), runs_dir, name, progress)
     metric = f"{skill}/accuracy"
     trials_done = [t for t in run.load_study().get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     scored = [(t.number, record.get(t, "scores")) for t in trials_done]
@@ -108,7 +132,7 @@ def prune_part(zoo: Any, skill: str, *, trials: int, seed: int, optimizer: str, 
         "best_at_most_75pct_depth": best_short, "test_ratio": ratio,
         "meets": ratio is not None and ratio >= KEEP_SHARE,
         "front": sorted({(round(a, 4), int(d)) for a, d in front}, key=lambda x: x[1]),
-        "route_seconds": _route_seconds(trials_done),
+        "route_seconds": _route_seconds(trials_done), "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
@@ -154,15 +178,26 @@ def joint_part(zoo: Any, skills: Sequence[str], *, trials: int, seed: int, optim
     out: dict[str, Any] = {"skills": list(skills), "trials": trials, "parameter_space": inner}
     for label, space in (("parameter", inner), ("joint", "dataflow_joint")):
         name = f"dataflow-{label}-{time.strftime('%H%M%S')}"
+        t0 = time.perf_counter()
         run, summary = _search(_config(zoo, skills, skills, space, trials=trials, seed=seed, optimizer=optimizer, size=False,
                                        limit=limit), runs_dir, name, progress)
         rows = searched_rows(run.run_dir, skills, label)
         best = rows[0] if rows else None
         out[label] = {"n_complete": summary["n_complete"], "validation_mean": best and best["validation_mean"],
-                      "test_mean": best and best["mean"], "trial": best and best["trial"], "test": best and best["test"]}
+                      "test_mean": best and best["mean"], "trial": best and best["trial"], "test": best and best["test"],
+                      "start_validation_mean": _start(run, skills), "seconds": round(time.perf_counter() - t0, 1)}
     p, j = out["parameter"]["test_mean"], out["joint"]["test_mean"]
     out["joint_minus_parameter"] = round(j - p, 4) if p is not None and j is not None else None
     return out
+
+
+def _start(run: Any, skills: Sequence[str]) -> Optional[float]:
+    """The validation mean of the run's first trial (its uniform point: the same merge at
+    full depth in both searches, so the joint search starts where the parameter one does)."""
+    from evomerge import record
+
+    trials = [t for t in run.load_study().get_trials(deepcopy=False) if t.number == 0 and record.get(t, "scores")]
+    return round(statistics.mean(record.get(trials[0], "scores")[f"{s}/accuracy"] for s in skills), 4) if trials else None
 
 
 def routing_part(zoo: Any, *, n_params: float, repeats: int, workdir: Optional[Path]) -> dict[str, Any]:
@@ -268,6 +303,7 @@ def format_table(result: dict[str, Any]) -> str:
     if j:
         lines.append(f"joint vs parameter-only ({', '.join(j['skills'])}, {j['trials']} evaluations each, held-out mean of the best validation-mean member):")
         for key in ("parameter", "joint"):
-            lines.append(f"  {key:9s} test mean {j[key]['test_mean']}, validation mean {j[key]['validation_mean']} (trial {j[key]['trial']})")
+            lines.append(f"  {key:9s} test mean {j[key]['test_mean']}, validation mean {j[key]['validation_mean']} (trial {j[key]['trial']}), "
+                         f"first trial's validation mean {j[key].get('start_validation_mean')}")
         lines.append(f"  joint - parameter: {j['joint_minus_parameter']}")
     return "\n".join(lines)
