@@ -6,7 +6,7 @@ Three parts, from one invocation:
   that skill's specialist (``dataflow_prune``: keep or skip each layer, one model for the
   whole path) with the skill's accuracy and ``size/layers`` as objectives, seeded with
   both models at full depth (the base is the uniform point, the specialist a seed
-  recipe). Among all complete
+  recipe) and with each of their layers dropped once. Among all complete
   trials, the best full-depth one and the best one of at most 75% of the base's depth
   are picked on validation, exported (``evomerge export``) and scored on **test**; the
   ratio of their test accuracies is the figure. The front (validation accuracy against
@@ -14,7 +14,8 @@ Three parts, from one invocation:
 - **joint vs parameter-only** (``--skills``, default ``reverse,count``): one search in
   the parameter space ``task_arithmetic_global`` and one in ``dataflow_joint`` (the same
   merge as one more source, plus a source per block of two layers, no layer skipped),
-  same optimizer, seed and number of evaluations, one objective per skill; both start
+  same optimizer (``--joint-optimizer``, default ``--optimizer``), seed and number of
+  evaluations, one objective per skill (or, for ``cma``/``cmaes``, their mean); both start
   from the same point (the uniform merge at full depth, recorded as
   ``start_validation_mean``); each one's front member best on the validation mean is
   reported with its test mean.
@@ -39,6 +40,7 @@ from evomerge.bench.quality import OPTIMIZER_OPTIONS, check_skills, searched_row
 
 DEPTH_SHARE = 0.75  # acceptance 2: members of at most this share of the base's depth
 KEEP_SHARE = 0.9  # ... that keep at least this share of the best full-depth member's accuracy
+SINGLE_OBJECTIVE = ("cma", "cmaes")  # optimizers that see the skills' mean accuracy (no size objective: joint part only)
 
 
 def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, *, trials: int, seed: int, optimizer: str,
@@ -48,7 +50,7 @@ def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, 
     if size:
         evaluators.append({"preset": "size"})
         objectives.append({"metric": "size/layers", "direction": "minimize"})
-    return {
+    data = {
         "sources": {"base_model": str(zoo.base), "models": [str(zoo.models[m]) for m in models]},
         "search_space": space,
         "evaluators": evaluators,
@@ -59,19 +61,26 @@ def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, 
         "keep_pareto_models": True,
         "seed_recipes": [str(p) for p in seeds],
     }
+    if optimizer in SINGLE_OBJECTIVE:  # the mean accuracy over the skills, as bench quality does
+        data["scalarization"] = {"kind": "weighted_sum", "weights": [1.0 / len(skills)] * len(skills)}
+    return data
 
 
-def _full_depth_seeds(refs: Sequence[Path], depth: int, folder: Path) -> list[Path]:
-    """One ``slices:`` recipe per source: the source itself at full depth (seed points)."""
+def _pruning_seeds(refs: Sequence[Path], depth: int, folder: Path, *, full: bool = True) -> list[Path]:
+    """``slices:`` recipes as seed points: each source at full depth (with ``full``) and
+    with each of its layers dropped once (the first step of depth pruning, ``depth``
+    points per source)."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for ref in refs:
-        path = folder / f"full-{Path(ref).name}.yaml"
-        path.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
-                                        "slices": [{"sources": [{"model": str(ref), "layer_range": [0, depth]}]}]}))
-        out.append(path)
+        for drop in ([None] if full else []) + list(range(depth)):
+            ranges = [[0, depth]] if drop is None else [r for r in ([0, drop], [drop + 1, depth]) if r[0] < r[1]]
+            path = folder / f"{Path(ref).name}-{'full' if drop is None else f'without-{drop}'}.yaml"
+            path.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
+                                            "slices": [{"sources": [{"model": str(ref), "layer_range": r}]} for r in ranges]}))
+            out.append(path)
     return out
 
 
@@ -96,13 +105,13 @@ def prune_part(zoo: Any, skill: str, *, trials: int, seed: int, optimizer: str, 
     from evomerge.evaluate import build_evaluator, evaluate
     from evomerge.export import export
 
-    import json
-
     t0 = time.perf_counter()
     name = f"dataflow-prune-{time.strftime('%H%M%S')}"
-    depth = int(json.loads((Path(zoo.base) / "config.json").read_text())["num_hidden_layers"])
-    # the base at full depth is the uniform point; the specialist at full depth is a seed
-    seeds = _full_depth_seeds([zoo.models[skill]], depth, runs_dir / f"{name}-seeds")
+    depth = _depth(zoo)
+    # the base at full depth is the uniform point; the specialist at full depth is a seed,
+    # and so is each model with one layer dropped
+    folder = runs_dir / f"{name}-seeds"
+    seeds = _pruning_seeds([zoo.models[skill]], depth, folder) + _pruning_seeds([zoo.base], depth, folder, full=False)
     run, summary = _search(_config(zoo, [skill], [skill], "dataflow_prune", trials=trials, seed=seed, optimizer=optimizer,
                                    size=True, limit=limit, seeds=seeds), runs_dir, name, progress)
     metric = f"{skill}/accuracy"
@@ -134,6 +143,13 @@ def prune_part(zoo: Any, skill: str, *, trials: int, seed: int, optimizer: str, 
         "front": sorted({(round(a, 4), int(d)) for a, d in front}, key=lambda x: x[1]),
         "route_seconds": _route_seconds(trials_done), "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _depth(zoo: Any) -> int:
+    """The zoo base's layer count (from its config, no weight read)."""
+    import json
+
+    return int(json.loads((Path(zoo.base) / "config.json").read_text())["num_hidden_layers"])
 
 
 def _members(run_dir: Path) -> list[dict]:
@@ -179,8 +195,11 @@ def joint_part(zoo: Any, skills: Sequence[str], *, trials: int, seed: int, optim
     for label, space in (("parameter", inner), ("joint", "dataflow_joint")):
         name = f"dataflow-{label}-{time.strftime('%H%M%S')}"
         t0 = time.perf_counter()
-        run, summary = _search(_config(zoo, skills, skills, space, trials=trials, seed=seed, optimizer=optimizer, size=False,
-                                       limit=limit), runs_dir, name, progress)
+        data = _config(zoo, skills, skills, space, trials=trials, seed=seed, optimizer=optimizer, size=False, limit=limit)
+        if optimizer == "cma":  # the ES starts at the uniform point too (not the cube's centre)
+            data["optimizer"]["options"]["x0"] = build_space(space, base_model=str(zoo.base), models=data["sources"]["models"],
+                                                             num_layers=_depth(zoo)).uniform_params()
+        run, summary = _search(data, runs_dir, name, progress)
         rows = searched_rows(run.run_dir, skills, label)
         best = rows[0] if rows else None
         out[label] = {"n_complete": summary["n_complete"], "validation_mean": best and best["validation_mean"],
@@ -244,6 +263,7 @@ def bench_dataflow(
     skills: Sequence[str] = ("reverse", "count"),
     trials: int = 60,
     optimizer: str = "nsga2",
+    joint_optimizer: Optional[str] = None,
     seed: int = 0,
     runs_dir: Optional[Path] = None,
     plot: Optional[Path] = None,
@@ -266,7 +286,14 @@ def bench_dataflow(
     if runs_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="evomerge-bench-dataflow-")
         runs_dir = Path(tmp.name)
-    result: dict[str, Any] = {"zoo": str(z.root), "trials": trials, "optimizer": optimizer, "seed": seed, "limit": limit}
+    joint_optimizer = joint_optimizer or optimizer
+    if "prune" in parts and optimizer in SINGLE_OBJECTIVE:
+        from evomerge.errors import ConfigError
+
+        raise ConfigError(f"--optimizer {optimizer}: the pruning search has two objectives (accuracy, size/layers); "
+                          "pick a multi-objective one (nsga2, tpe, random) or set --joint-optimizer only")
+    result: dict[str, Any] = {"zoo": str(z.root), "trials": trials, "optimizer": optimizer, "joint_optimizer": joint_optimizer,
+                              "seed": seed, "limit": limit}
     try:
         if "routing" in parts:
             result["routing"] = routing_part(z, n_params=n_params, repeats=repeats, workdir=None)
@@ -274,7 +301,7 @@ def bench_dataflow(
             result["prune"] = prune_part(z, prune_skill, trials=trials, seed=seed, optimizer=optimizer, runs_dir=Path(runs_dir),
                                          plot=plot, limit=limit, progress=progress)
         if "joint" in parts:
-            result["joint"] = joint_part(z, skills, trials=trials, seed=seed, optimizer=optimizer, runs_dir=Path(runs_dir),
+            result["joint"] = joint_part(z, skills, trials=trials, seed=seed, optimizer=joint_optimizer, runs_dir=Path(runs_dir),
                                          limit=limit, progress=progress)
     finally:
         if tmp is not None:
@@ -301,7 +328,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"  routing in the search: {p['route_seconds']}")
     j = result.get("joint")
     if j:
-        lines.append(f"joint vs parameter-only ({', '.join(j['skills'])}, {j['trials']} evaluations each, held-out mean of the best validation-mean member):")
+        lines.append(f"joint vs parameter-only ({', '.join(j['skills'])}, {j['trials']} evaluations each, {result.get('joint_optimizer')}, "
+                     "held-out mean of the best validation-mean member):")
         for key in ("parameter", "joint"):
             lines.append(f"  {key:9s} test mean {j[key]['test_mean']}, validation mean {j[key]['validation_mean']} (trial {j[key]['trial']}), "
                          f"first trial's validation mean {j[key].get('start_validation_mean')}")
