@@ -178,6 +178,9 @@ def _plot(front: list[tuple[float, float]], scored: list[tuple[int, dict]], metr
     pts = sorted(front, key=lambda p: p[1])
     ax.step([d for _, d in pts], [a for a, _ in pts], where="post", color="C3", marker="o", label="Pareto front")
     ax.axvline(DEPTH_SHARE * depth, ls=":", color="gray")
+    full = [s[metric] for _, s in scored if s["size/layers"] >= depth]
+    if full:  # what a member of at most 75% depth must keep (here on validation)
+        ax.axhline(KEEP_SHARE * max(full), ls=":", color="C2", label=f"{KEEP_SHARE:.0%} of the best full depth")
     ax.set_xlabel("layers")
     ax.set_ylabel(f"{metric} (validation)")
     ax.legend(fontsize=8)
@@ -205,9 +208,30 @@ def joint_part(zoo: Any, skills: Sequence[str], *, trials: int, seed: int, optim
         out[label] = {"n_complete": summary["n_complete"], "validation_mean": best and best["validation_mean"],
                       "test_mean": best and best["mean"], "trial": best and best["trial"], "test": best and best["test"],
                       "start_validation_mean": _start(run, skills), "seconds": round(time.perf_counter() - t0, 1)}
+        if label == "joint":
+            out[label]["best_validation_mean_by_path"] = by_path(run.load_study(), skills)
     p, j = out["parameter"]["test_mean"], out["joint"]["test_mean"]
     out["joint_minus_parameter"] = round(j - p, 4) if p is not None and j is not None else None
     return out
+
+
+def by_path(study: Any, skills: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per data-flow choice of a joint study (its ``source/`` parameters, e.g. ``B0=0,B1=2``),
+    the number of trials and their best validation mean: whether any path besides the
+    parameter merge's own helps."""
+    from evomerge import record
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False):
+        scores = record.get(t, "scores")
+        if not scores:
+            continue
+        key = ",".join(f"{k.rsplit('/', 1)[1]}={v}" for k, v in sorted(t.params.items()) if k.startswith("source/")) or "-"
+        mean = statistics.mean(scores[f"{s}/accuracy"] for s in skills)
+        row = out.setdefault(key, {"trials": 0, "best": mean})
+        row["trials"] += 1
+        row["best"] = round(max(row["best"], mean), 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["best"]))
 
 
 def _start(run: Any, skills: Sequence[str]) -> Optional[float]:
