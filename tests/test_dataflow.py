@@ -271,3 +271,18 @@ def test_a_dataflow_run_resumes_after_kill_9_shows_in_status_and_dashboard_and_e
     merge(out / "merge_recipe.yaml", tmp_path / "rebuilt")
     c = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
     assert set(a) == set(c) and all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bench_dataflow_seeds_every_one_layer_drop_and_refuses_a_single_objective_pruning_search(zoo_dir, tmp_path, capsys):
+    from evomerge.bench.dataflow import _pruning_seeds
+    from evomerge.cli import main
+
+    space = build_space("dataflow_prune", base_model="z/base", models=["z/add"], num_layers=4)
+    seeds = _pruning_seeds([Path("z/add")], 4, tmp_path / "seeds") + _pruning_seeds([Path("z/base")], 4, tmp_path / "seeds", full=False)
+    points = [space.params_from_recipe(load_recipe(p)) for p in seeds]
+    kept = sorted((p["source/P0/all"], tuple(p[f"keep/P0/L{j:02d}"] for j in range(4))) for p in points)
+    drops = [tuple(int(j != d) for j in range(4)) for d in range(4)]
+    assert kept == sorted([(1, (1, 1, 1, 1))] + [(s, d) for s in (0, 1) for d in drops])  # each 3-layer path of one model
+    assert main(["bench", "dataflow", "--zoo", str(zoo_dir), "--optimizer", "cma", "--parts", "prune", "--trials", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two objectives" in err[0]

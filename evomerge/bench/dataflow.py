@@ -23,9 +23,9 @@ Three parts, from one invocation:
   synthetic family ``--params`` large, with the bytes of weight the routed model holds
   that the sources do not (0: nothing copied).
 
-Example (about ten minutes on two cores once the zoo exists)::
+Example (the figures of the README: 16 minutes on a shared, loaded 2-core machine)::
 
-    evomerge bench dataflow --trials 60 --json
+    evomerge bench dataflow --trials 60 --joint-optimizer cma --limit 200 --params 2e7 --json
 """
 
 from __future__ import annotations
