@@ -28,7 +28,8 @@ parameter merge of the sources is one more source, ``merged`` (source 0), its
 coefficients searched beside the path (``merge/...`` dimensions); a candidate is then
 a mergekit-multi chain: the named parameter merge, then the layer stack.
 
-Example (YAML, as in ``search_spaces/dataflow_prune.yaml``)::
+Example (YAML; ``search_spaces/dataflow_prune.yaml`` is this with ``granularity: pass``
+and no scale)::
 
     kind: dataflow
     passes: 1
