@@ -6,7 +6,9 @@ The encoding is a **repeated stack**: ``passes`` copies of the ``L`` layer posit
 slot ``(p, j)`` being layer ``j`` on pass ``p``; the path is the kept slots in order.
 Per slot the samplers see
 
-- ``keep/P<p>/L<j>``: an integer in {0, 1} (skip or keep the slot);
+- ``keep/P<p>/L<j>``: an integer in {0, 1} (skip or keep the slot); with ``skip: false``
+  the first pass has none (every layer runs once, in order: the search picks sources,
+  scales and, with more passes, repeats, never a shorter model);
 - ``source/P<p>/<group>``: an integer choosing the slot's model among the routed
   sources (left out when there is one), shared by a group of slots (``granularity``:
   ``layer``, ``block:N`` or ``pass``, so a run of layers comes from one model);
@@ -26,7 +28,8 @@ parameter merge of the sources is one more source, ``merged`` (source 0), its
 coefficients searched beside the path (``merge/...`` dimensions); a candidate is then
 a mergekit-multi chain: the named parameter merge, then the layer stack.
 
-Example (YAML, as in ``search_spaces/dataflow_prune.yaml``)::
+Example (YAML; ``search_spaces/dataflow_prune.yaml`` is this with ``granularity: pass``
+and no scale)::
 
     kind: dataflow
     passes: 1
@@ -71,6 +74,7 @@ class DataFlowConfig(BaseModel):
     sources: Optional[List[str]] = None  # refs or folder names; default: every source
     scale: Optional[ScaleRange] = None
     min_layers: int = Field(default=1, ge=1)
+    skip: bool = True  # false: no keep/P0/... dimensions, the first pass is always whole
     merge: Optional[Union[str, Dict[str, Any]]] = None
 
     @field_validator("granularity")
@@ -134,6 +138,10 @@ class DataFlowSpace:
     def _groups(self) -> list[str]:
         return list(dict.fromkeys(self._group(j) for j in range(self.num_layers)))
 
+    def _skippable(self, p: int) -> bool:
+        """Whether pass ``p``'s slots have keep dimensions (not pass 0 with ``skip: false``)."""
+        return self.config.skip or p > 0
+
     def distributions(self) -> dict[str, Any]:
         """Optuna distributions in a fixed order (the genome's order)."""
         from optuna.distributions import FloatDistribution, IntDistribution
@@ -141,7 +149,8 @@ class DataFlowSpace:
         out: dict[str, Any] = {}
         for p in range(self.config.passes):
             for j in range(self.num_layers):
-                out[f"keep/P{p}/L{j:02d}"] = IntDistribution(0, 1)
+                if self._skippable(p):
+                    out[f"keep/P{p}/L{j:02d}"] = IntDistribution(0, 1)
             for g in self._groups():
                 if len(self.routed) > 1:
                     out[f"source/P{p}/{g}"] = IntDistribution(0, len(self.routed) - 1)
@@ -185,7 +194,8 @@ class DataFlowSpace:
                 g = self._group(j)
                 src = self.routed[int(params[f"source/P{p}/{g}"])] if len(self.routed) > 1 else self.routed[0]
                 scale = float(params[f"scale/P{p}/{g}"]) if self.config.scale is not None else None
-                slots.append((int(params[f"keep/P{p}/L{j:02d}"]) == 1, (src, j, scale)))
+                kept = int(params[f"keep/P{p}/L{j:02d}"]) == 1 if self._skippable(p) else True
+                slots.append((kept, (src, j, scale)))
         kept = [s for k, s in slots if k]
         if len(kept) < self.config.min_layers:  # completed with the first pass's slots, in order
             extra = [s for k, s in slots[: self.num_layers] if not k][: self.config.min_layers - len(kept)]
@@ -231,6 +241,7 @@ class DataFlowSpace:
         out.update({k: 0 for k in self.distributions() if k.startswith("keep/")})
         p, last = 0, -1
         taken: dict[tuple[int, str], tuple[str, Optional[float]]] = {}  # (pass, group) -> (source, scale)
+        whole: list[int] = []  # the first pass's layers when it has no keep dimensions
         for slot in recipe.slots():
             g = self._group(slot.layer)
             s = slot.scale("x.o_proj.weight")
@@ -240,12 +251,17 @@ class DataFlowSpace:
             if p >= self.config.passes or slot.model not in self.routed:
                 raise ConfigError(f"{self.where}: a seed recipe's path does not fit {self.config.passes} pass(es) over {', '.join(self.routed)}")
             taken[(p, g)] = (slot.model, scale)
-            out[f"keep/P{p}/L{slot.layer:02d}"] = 1
+            if self._skippable(p):
+                out[f"keep/P{p}/L{slot.layer:02d}"] = 1
+            else:
+                whole.append(slot.layer)
             if len(self.routed) > 1:
                 out[f"source/P{p}/{g}"] = self.routed.index(slot.model)
             if scale is not None:
                 out[f"scale/P{p}/{g}"] = scale
             last = slot.layer
+        if not self.config.skip and whole != list(range(self.num_layers)):
+            raise ConfigError(f"{self.where}: a seed recipe's first pass must run all {self.num_layers} layers (skip: false)")
         return {**out, **inner}
 
 

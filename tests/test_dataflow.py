@@ -90,9 +90,9 @@ def test_a_chain_routes_through_the_live_parameter_merge(zoo, zoo_models, tmp_pa
     space = build_space("dataflow_joint", base_model=str(zoo.base), models=[str(zoo.models[s]) for s in SKILLS], num_layers=4)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     params = study.ask(space.distributions()).params
-    params.update({"keep/P0/L01": 0, "source/P0/L00": 0, "source/P0/L03": 2})  # merged first, a source last
+    params.update({"source/P0/B0": 0, "source/P0/B1": 2})  # merged first, a source last
     chain = space.to_recipe(params)
-    assert isinstance(chain, RecipeChain) and chain.final.first_model == "merged"
+    assert isinstance(chain, RecipeChain) and chain.final.first_model == "merged" and chain.final.depth == 4
     assert load_recipe(chain.to_yaml()).to_dict() == chain.to_dict()  # mergekit-multi YAML, read back
     live = AutoModelForCausalLM.from_pretrained(zoo.base, dtype=torch.float32).eval()
     MergeEngine.from_recipe(chain.stages[0]).merge_into(live, chain.stages[0])
@@ -131,6 +131,27 @@ def test_the_space_is_fixed_size_numeric_and_decodes_its_own_recipes():
     assert [(s.model, s.layer) for s in full.slots()] == [("z/base", j) for j in range(4)]
     with pytest.raises(ConfigError, match="sources: 'nope' is not a source"):
         build_space({"kind": "dataflow", "sources": ["nope"]}, base_model="z/base", models=["z/add"], num_layers=4)
+
+
+def test_skip_false_keeps_the_first_pass_whole_and_the_joint_space_starts_at_the_parameter_merge():
+    from evomerge.space import SearchSpace
+
+    models = ["z/add", "z/sort"]
+    space = build_space("dataflow_joint", base_model="z/base", models=models, num_layers=4)
+    inner = SearchSpace.from_yaml("task_arithmetic_global", base_model="z/base", models=models, num_layers=4)
+    dists = space.distributions()
+    assert not [k for k in dists if k.startswith("keep/")]  # no pass-0 keep dimensions
+    assert [k for k in dists if k.startswith("source/")] == ["source/P0/B0", "source/P0/B1"]
+    start = space.to_recipe(space.uniform_params())  # the parameter search's uniform merge, at full depth
+    assert start.stages[0].to_dict() == inner.to_recipe(inner.uniform_params()).model_copy(update={"name": "merged"}).to_dict()
+    assert [(s.model, s.layer) for s in start.final.slots()] == [("merged", j) for j in range(4)]
+    for point in ({**space.uniform_params(), "source/P0/B1": 2},):
+        assert space.params_from_recipe(space.to_recipe(point)) == point
+    two = build_space({"kind": "dataflow", "passes": 2, "skip": False}, base_model="z/base", models=models, num_layers=4)
+    assert sorted(k for k in two.distributions() if k.startswith("keep/")) == [f"keep/P1/L{j:02d}" for j in range(4)]
+    short = SliceRecipe.from_dict({"merge_method": "passthrough", "slices": [{"sources": [{"model": "z/add", "layer_range": [0, 3]}]}]})
+    with pytest.raises(ConfigError, match="first pass must run all 4 layers"):
+        two.params_from_recipe(short)
 
 
 def test_bad_stacks_fail_with_one_line(zoo_models):
@@ -186,35 +207,60 @@ def _complete(run_dir: Path) -> int:
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials())
 
 
-def test_a_dataflow_run_resumes_after_kill_9_shows_in_status_and_exports(zoo, tmp_path):
-    """Acceptance 4: the driver, status and export are the ones of every run."""
+def _dashboard_get(app, path: str) -> dict:
+    """One GET answered by the dashboard's WSGI app (the one `evomerge dashboard` serves)."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    answer: dict = {}
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: answer.update(status=status)))
+    assert answer["status"].startswith("200"), (path, answer["status"], body[:300])
+    return json.loads(body)
+
+
+def test_a_dataflow_run_resumes_after_kill_9_shows_in_status_and_dashboard_and_exports(zoo, tmp_path):
+    """Acceptance 4: the driver, status, dashboard and export are the ones of every run. The
+    search is a CLI process killed with SIGKILL; resume, status and export run in process
+    (the same library functions the CLI verbs are a few lines over)."""
+    from optuna_dashboard import wsgi
     from transformers import AutoModelForCausalLM
 
-    cfg = _config(zoo, tmp_path, trials=14)
+    from evomerge.export import export
+    from evomerge.run.api import resume
+    from evomerge.run.handle import Run
+    from evomerge.status import status as run_status
+
+    trials = 8
+    cfg = _config(zoo, tmp_path, trials=trials)
     runs, run_dir = tmp_path / "runs", tmp_path / "runs" / "dataflow"
     env = dict(os.environ, EVOMERGE_LEASE_TIMEOUT="1.0")
-    cli = [sys.executable, "-m", "evomerge.cli"]
-    proc = subprocess.Popen(cli + ["search", str(cfg), "--runs-dir", str(runs), "--json"], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--runs-dir", str(runs), "--json"], env=env,
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while _complete(run_dir) < 5 and proc.poll() is None and time.monotonic() < deadline:
+    while _complete(run_dir) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    killed_at = _complete(run_dir)
+    assert 3 <= killed_at < trials
     time.sleep(1.0)  # the killed driver's lease expires
-    done = subprocess.run(cli + ["resume", str(run_dir), "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    status = json.loads(subprocess.run(cli + ["status", str(run_dir), "--json"], env=env, cwd=tmp_path,
-                                       capture_output=True, text=True, timeout=120).stdout)
-    assert status["n_complete"] == 14 and status["n_running"] == 0
-    members = status["pareto"]
+    resume(run_dir, progress=False, lease_timeout=1.0)
+    summary = run_status(run_dir)
+    assert summary["n_complete"] == trials and summary["n_running"] == 0
+    members = summary["pareto"]
     assert members and all(len(m["values"]) == 2 for m in members)
-    depths = {m["values"][1] for m in members}
+    # the dashboard serves it: the study, its trials with their data-flow parameters
+    app = wsgi(Run.open(run_dir).storage())
+    listed = _dashboard_get(app, "/api/studies")["study_summaries"]
+    (study_id,) = [st["study_id"] for st in listed if st["study_name"] == "dataflow"]
+    detail = _dashboard_get(app, f"/api/studies/{study_id}")
+    done = [t for t in detail["trials"] if t["state"] == "Complete"]
+    assert len(done) == trials and any(p["name"].startswith("keep/P1/") for p in done[0]["params"])
     member = max(members, key=lambda m: m["values"][0])
     out = tmp_path / "exported"
-    assert subprocess.run(cli + ["export", str(run_dir), "--trial", str(member["trial"]), "--out", str(out)], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120).returncode == 0
+    export(run_dir, member["trial"], out)
     a, b = load_file(str(out / "model.safetensors")), load_file(str(Path(member["path"]) / "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     recipe = load_recipe(out / "merge_recipe.yaml")
@@ -225,4 +271,18 @@ def test_a_dataflow_run_resumes_after_kill_9_shows_in_status_and_exports(zoo, tm
     merge(out / "merge_recipe.yaml", tmp_path / "rebuilt")
     c = load_file(str(tmp_path / "rebuilt" / "model.safetensors"))
     assert set(a) == set(c) and all(torch.equal(a[k], c[k]) for k in a)
-    assert len(depths) >= 1
+
+
+def test_bench_dataflow_seeds_every_one_layer_drop_and_refuses_a_single_objective_pruning_search(zoo_dir, tmp_path, capsys):
+    from evomerge.bench.dataflow import _pruning_seeds
+    from evomerge.cli import main
+
+    space = build_space("dataflow_prune", base_model="z/base", models=["z/add"], num_layers=4)
+    seeds = _pruning_seeds([Path("z/add")], 4, tmp_path / "seeds") + _pruning_seeds([Path("z/base")], 4, tmp_path / "seeds", full=False)
+    points = [space.params_from_recipe(load_recipe(p)) for p in seeds]
+    kept = sorted((p["source/P0/all"], tuple(p[f"keep/P0/L{j:02d}"] for j in range(4))) for p in points)
+    drops = [tuple(int(j != d) for j in range(4)) for d in range(4)]
+    assert kept == sorted([(1, (1, 1, 1, 1))] + [(s, d) for s in (0, 1) for d in drops])  # each 3-layer path of one model
+    assert main(["bench", "dataflow", "--zoo", str(zoo_dir), "--optimizer", "cma", "--parts", "prune", "--trials", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two objectives" in err[0]

@@ -3,24 +3,29 @@
 Three parts, from one invocation:
 
 - **pruning** (``--prune-skill``, default ``add``): a data-flow search over the base and
-  that skill's specialist (``dataflow_prune``: keep or skip each layer, from either
-  model) with the skill's accuracy and ``size/layers`` as objectives. Among all complete
+  that skill's specialist (``dataflow_prune``: keep or skip each layer, one model for the
+  whole path) with the skill's accuracy and ``size/layers`` as objectives, seeded with
+  both models at full depth (the base is the uniform point, the specialist a seed
+  recipe) and with each of their layers dropped once. Among all complete
   trials, the best full-depth one and the best one of at most 75% of the base's depth
   are picked on validation, exported (``evomerge export``) and scored on **test**; the
   ratio of their test accuracies is the figure. The front (validation accuracy against
   depth) is plotted.
 - **joint vs parameter-only** (``--skills``, default ``reverse,count``): one search in
   the parameter space ``task_arithmetic_global`` and one in ``dataflow_joint`` (the same
-  merge as one more source, plus a per-layer path), same optimizer, seed and number of
-  evaluations, one objective per skill; each one's front member best on the validation
-  mean is reported with its test mean.
+  merge as one more source, plus a source per block of two layers, no layer skipped),
+  same optimizer (``--joint-optimizer``, default ``--optimizer``), seed and number of
+  evaluations, one objective per skill (or, for ``cma``/``cmaes``, their mean); both start
+  from the same point (the uniform merge at full depth, recorded as
+  ``start_validation_mean``); each one's front member best on the validation mean is
+  reported with its test mean.
 - **routing cost**: a candidate's "merge" step (routing) timed on the zoo and on a
   synthetic family ``--params`` large, with the bytes of weight the routed model holds
   that the sources do not (0: nothing copied).
 
-Example (about ten minutes on two cores once the zoo exists)::
+Example (the figures of the README: 16 minutes on a shared, loaded 2-core machine)::
 
-    evomerge bench dataflow --trials 60 --json
+    evomerge bench dataflow --trials 60 --joint-optimizer cma --limit 200 --params 2e7 --json
 """
 
 from __future__ import annotations
@@ -35,16 +40,17 @@ from evomerge.bench.quality import OPTIMIZER_OPTIONS, check_skills, searched_row
 
 DEPTH_SHARE = 0.75  # acceptance 2: members of at most this share of the base's depth
 KEEP_SHARE = 0.9  # ... that keep at least this share of the best full-depth member's accuracy
+SINGLE_OBJECTIVE = ("cma", "cmaes")  # optimizers that see the skills' mean accuracy (no size objective: joint part only)
 
 
 def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, *, trials: int, seed: int, optimizer: str,
-            size: bool, limit: Optional[int]) -> dict[str, Any]:
+            size: bool, limit: Optional[int], seeds: Sequence[Path] = ()) -> dict[str, Any]:
     evaluators = [{"preset": f"zoo_{s}", "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills]
     objectives = [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills]
     if size:
         evaluators.append({"preset": "size"})
         objectives.append({"metric": "size/layers", "direction": "minimize"})
-    return {
+    data = {
         "sources": {"base_model": str(zoo.base), "models": [str(zoo.models[m]) for m in models]},
         "search_space": space,
         "evaluators": evaluators,
@@ -53,7 +59,29 @@ def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, 
         "budget": {"trials": trials},
         "seed": seed,
         "keep_pareto_models": True,
+        "seed_recipes": [str(p) for p in seeds],
     }
+    if optimizer in SINGLE_OBJECTIVE:  # the mean accuracy over the skills, as bench quality does
+        data["scalarization"] = {"kind": "weighted_sum", "weights": [1.0 / len(skills)] * len(skills)}
+    return data
+
+
+def _pruning_seeds(refs: Sequence[Path], depth: int, folder: Path, *, full: bool = True) -> list[Path]:
+    """``slices:`` recipes as seed points: each source at full depth (with ``full``) and
+    with each of its layers dropped once (the first step of depth pruning, ``depth``
+    points per source)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ref in refs:
+        for drop in ([None] if full else []) + list(range(depth)):
+            ranges = [[0, depth]] if drop is None else [r for r in ([0, drop], [drop + 1, depth]) if r[0] < r[1]]
+            path = folder / f"{Path(ref).name}-{'full' if drop is None else f'without-{drop}'}.yaml"
+            path.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "float32",
+                                            "slices": [{"sources": [{"model": str(ref), "layer_range": r}]} for r in ranges]}))
+            out.append(path)
+    return out
 
 
 def _search(data: dict[str, Any], runs_dir: Path, name: str, progress: bool) -> Any:
@@ -77,10 +105,15 @@ def prune_part(zoo: Any, skill: str, *, trials: int, seed: int, optimizer: str, 
     from evomerge.evaluate import build_evaluator, evaluate
     from evomerge.export import export
 
+    t0 = time.perf_counter()
     name = f"dataflow-prune-{time.strftime('%H%M%S')}"
+    depth = _depth(zoo)
+    # the base at full depth is the uniform point; the specialist at full depth is a seed,
+    # and so is each model with one layer dropped
+    folder = runs_dir / f"{name}-seeds"
+    seeds = _pruning_seeds([zoo.models[skill]], depth, folder) + _pruning_seeds([zoo.base], depth, folder, full=False)
     run, summary = _search(_config(zoo, [skill], [skill], "dataflow_prune", trials=trials, seed=seed, optimizer=optimizer,
-                                   size=True, limit=limit), runs_dir, name, progress)
-    depth = run.sources[0].num_layers
+                                   size=True, limit=limit, seeds=seeds), runs_dir, name, progress)
     metric = f"{skill}/accuracy"
     trials_done = [t for t in run.load_study().get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     scored = [(t.number, record.get(t, "scores")) for t in trials_done]
@@ -108,8 +141,15 @@ def prune_part(zoo: Any, skill: str, *, trials: int, seed: int, optimizer: str, 
         "best_at_most_75pct_depth": best_short, "test_ratio": ratio,
         "meets": ratio is not None and ratio >= KEEP_SHARE,
         "front": sorted({(round(a, 4), int(d)) for a, d in front}, key=lambda x: x[1]),
-        "route_seconds": _route_seconds(trials_done),
+        "route_seconds": _route_seconds(trials_done), "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _depth(zoo: Any) -> int:
+    """The zoo base's layer count (from its config, no weight read)."""
+    import json
+
+    return int(json.loads((Path(zoo.base) / "config.json").read_text())["num_hidden_layers"])
 
 
 def _members(run_dir: Path) -> list[dict]:
@@ -138,6 +178,9 @@ def _plot(front: list[tuple[float, float]], scored: list[tuple[int, dict]], metr
     pts = sorted(front, key=lambda p: p[1])
     ax.step([d for _, d in pts], [a for a, _ in pts], where="post", color="C3", marker="o", label="Pareto front")
     ax.axvline(DEPTH_SHARE * depth, ls=":", color="gray")
+    full = [s[metric] for _, s in scored if s["size/layers"] >= depth]
+    if full:  # what a member of at most 75% depth must keep (here on validation)
+        ax.axhline(KEEP_SHARE * max(full), ls=":", color="C2", label=f"{KEEP_SHARE:.0%} of the best full depth")
     ax.set_xlabel("layers")
     ax.set_ylabel(f"{metric} (validation)")
     ax.legend(fontsize=8)
@@ -154,15 +197,50 @@ def joint_part(zoo: Any, skills: Sequence[str], *, trials: int, seed: int, optim
     out: dict[str, Any] = {"skills": list(skills), "trials": trials, "parameter_space": inner}
     for label, space in (("parameter", inner), ("joint", "dataflow_joint")):
         name = f"dataflow-{label}-{time.strftime('%H%M%S')}"
-        run, summary = _search(_config(zoo, skills, skills, space, trials=trials, seed=seed, optimizer=optimizer, size=False,
-                                       limit=limit), runs_dir, name, progress)
+        t0 = time.perf_counter()
+        data = _config(zoo, skills, skills, space, trials=trials, seed=seed, optimizer=optimizer, size=False, limit=limit)
+        if optimizer == "cma":  # the ES starts at the uniform point too (not the cube's centre)
+            data["optimizer"]["options"]["x0"] = build_space(space, base_model=str(zoo.base), models=data["sources"]["models"],
+                                                             num_layers=_depth(zoo)).uniform_params()
+        run, summary = _search(data, runs_dir, name, progress)
         rows = searched_rows(run.run_dir, skills, label)
         best = rows[0] if rows else None
         out[label] = {"n_complete": summary["n_complete"], "validation_mean": best and best["validation_mean"],
-                      "test_mean": best and best["mean"], "trial": best and best["trial"], "test": best and best["test"]}
+                      "test_mean": best and best["mean"], "trial": best and best["trial"], "test": best and best["test"],
+                      "start_validation_mean": _start(run, skills), "seconds": round(time.perf_counter() - t0, 1)}
+        if label == "joint":
+            out[label]["best_validation_mean_by_path"] = by_path(run.load_study(), skills)
     p, j = out["parameter"]["test_mean"], out["joint"]["test_mean"]
     out["joint_minus_parameter"] = round(j - p, 4) if p is not None and j is not None else None
     return out
+
+
+def by_path(study: Any, skills: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per data-flow choice of a joint study (its ``source/`` parameters, e.g. ``B0=0,B1=2``),
+    the number of trials and their best validation mean: whether any path besides the
+    parameter merge's own helps."""
+    from evomerge import record
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False):
+        scores = record.get(t, "scores")
+        if not scores:
+            continue
+        key = ",".join(f"{k.rsplit('/', 1)[1]}={v}" for k, v in sorted(t.params.items()) if k.startswith("source/")) or "-"
+        mean = statistics.mean(scores[f"{s}/accuracy"] for s in skills)
+        row = out.setdefault(key, {"trials": 0, "best": mean})
+        row["trials"] += 1
+        row["best"] = round(max(row["best"], mean), 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["best"]))
+
+
+def _start(run: Any, skills: Sequence[str]) -> Optional[float]:
+    """The validation mean of the run's first trial (its uniform point: the same merge at
+    full depth in both searches, so the joint search starts where the parameter one does)."""
+    from evomerge import record
+
+    trials = [t for t in run.load_study().get_trials(deepcopy=False) if t.number == 0 and record.get(t, "scores")]
+    return round(statistics.mean(record.get(trials[0], "scores")[f"{s}/accuracy"] for s in skills), 4) if trials else None
 
 
 def routing_part(zoo: Any, *, n_params: float, repeats: int, workdir: Optional[Path]) -> dict[str, Any]:
@@ -209,6 +287,7 @@ def bench_dataflow(
     skills: Sequence[str] = ("reverse", "count"),
     trials: int = 60,
     optimizer: str = "nsga2",
+    joint_optimizer: Optional[str] = None,
     seed: int = 0,
     runs_dir: Optional[Path] = None,
     plot: Optional[Path] = None,
@@ -231,7 +310,14 @@ def bench_dataflow(
     if runs_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="evomerge-bench-dataflow-")
         runs_dir = Path(tmp.name)
-    result: dict[str, Any] = {"zoo": str(z.root), "trials": trials, "optimizer": optimizer, "seed": seed, "limit": limit}
+    joint_optimizer = joint_optimizer or optimizer
+    if "prune" in parts and optimizer in SINGLE_OBJECTIVE:
+        from evomerge.errors import ConfigError
+
+        raise ConfigError(f"--optimizer {optimizer}: the pruning search has two objectives (accuracy, size/layers); "
+                          "pick a multi-objective one (nsga2, tpe, random) or set --joint-optimizer only")
+    result: dict[str, Any] = {"zoo": str(z.root), "trials": trials, "optimizer": optimizer, "joint_optimizer": joint_optimizer,
+                              "seed": seed, "limit": limit}
     try:
         if "routing" in parts:
             result["routing"] = routing_part(z, n_params=n_params, repeats=repeats, workdir=None)
@@ -239,7 +325,7 @@ def bench_dataflow(
             result["prune"] = prune_part(z, prune_skill, trials=trials, seed=seed, optimizer=optimizer, runs_dir=Path(runs_dir),
                                          plot=plot, limit=limit, progress=progress)
         if "joint" in parts:
-            result["joint"] = joint_part(z, skills, trials=trials, seed=seed, optimizer=optimizer, runs_dir=Path(runs_dir),
+            result["joint"] = joint_part(z, skills, trials=trials, seed=seed, optimizer=joint_optimizer, runs_dir=Path(runs_dir),
                                          limit=limit, progress=progress)
     finally:
         if tmp is not None:
@@ -266,8 +352,10 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"  routing in the search: {p['route_seconds']}")
     j = result.get("joint")
     if j:
-        lines.append(f"joint vs parameter-only ({', '.join(j['skills'])}, {j['trials']} evaluations each, held-out mean of the best validation-mean member):")
+        lines.append(f"joint vs parameter-only ({', '.join(j['skills'])}, {j['trials']} evaluations each, {result.get('joint_optimizer')}, "
+                     "held-out mean of the best validation-mean member):")
         for key in ("parameter", "joint"):
-            lines.append(f"  {key:9s} test mean {j[key]['test_mean']}, validation mean {j[key]['validation_mean']} (trial {j[key]['trial']})")
+            lines.append(f"  {key:9s} test mean {j[key]['test_mean']}, validation mean {j[key]['validation_mean']} (trial {j[key]['trial']}), "
+                         f"first trial's validation mean {j[key].get('start_validation_mean')}")
         lines.append(f"  joint - parameter: {j['joint_minus_parameter']}")
     return "\n".join(lines)

@@ -141,6 +141,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     df.add_argument("--skills", default="reverse,count", help="skills of the joint vs parameter-only searches (default: reverse,count)")
     df.add_argument("--trials", type=int, default=60, help="evaluations per search (default: 60)")
     df.add_argument("--optimizer", default="nsga2", help="optimizer of every search (default: nsga2)")
+    df.add_argument("--joint-optimizer", default=None, help="optimizer of the joint and parameter-only searches; cma or cmaes "
+                    "search the skills' mean accuracy (default: --optimizer)")
     df.add_argument("--seed", type=int, default=0, help="seed of every search (default: 0)")
     df.add_argument("--parts", default="routing,prune,joint", help="parts to run, comma-separated (default: all three)")
     df.add_argument("--params", type=float, default=5e7, help="size of the synthetic family routed (default: 5e7)")
@@ -186,8 +188,8 @@ def _run_bench_dataflow(args: argparse.Namespace) -> int:
     if args.trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {args.trials}")
     result = bench_dataflow(zoo_dir=args.zoo, prune_skill=args.prune_skill, skills=_names(args.skills), trials=args.trials,
-                            optimizer=args.optimizer, seed=args.seed, runs_dir=args.runs_dir, plot=args.plot, limit=args.limit,
-                            n_params=args.params, parts=parts, progress=not args.json)
+                            optimizer=args.optimizer, joint_optimizer=args.joint_optimizer, seed=args.seed, runs_dir=args.runs_dir,
+                            plot=args.plot, limit=args.limit, n_params=args.params, parts=parts, progress=not args.json)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
