@@ -168,8 +168,12 @@ def bench_scale(
     device_memory: Optional[str] = None,
     threads: Optional[int] = None,
     workdir: Optional[Path] = None,
+    eager: tuple[str, ...] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
+    """Measure (see the module docstring); ``eager``: methods also probed with eager kernels
+    (what the GPU runs), to check the engine's workspace bound against their temporaries
+    (slow on a CPU: eager DARE at 100M parameters takes minutes)."""
     from evomerge._testing import config_for_params, write_family
     from evomerge.merge.budget import parse_bytes
     from evomerge.merge.methods import get_method
@@ -177,6 +181,9 @@ def bench_scale(
     methods = list(methods or SCALE_METHODS)
     for m in methods:
         get_method(m, where="--methods")
+    unknown = [m for m in eager if m not in methods]
+    if unknown:
+        raise ConfigError(f"--eager: {', '.join(unknown)} is not among the measured methods ({', '.join(methods)})")
     if len(set(params)) < 2:
         raise ConfigError("--params: give at least two sizes (the fit needs two points)")
     device_total = parse_bytes(device_memory, "--device-memory") if device_memory else None
@@ -203,7 +210,7 @@ def bench_scale(
                     args = {"method": method, "folders": [str(f) for f in use], "cfg": cfg, "threads": threads, "device": device}
                     r = _run_probe(args, root, eager=False)
                     row = {"method": method, "params": n, "fine_tunes": len(use) - 1, "sources": len(use), **r}
-                    if device == "cpu":  # the GPU's kernels run eagerly: measure what their temporaries cost
+                    if device == "cpu" and method in eager:  # the GPU's kernels run eagerly: what their temporaries cost
                         e = _run_probe(args, root, eager=True)
                         row["eager_private_bytes"] = e["private_bytes"]
                     rows.append(row)

@@ -55,6 +55,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--device-memory", default="80GB", help="GPU size of the prediction (default: 80GB)")
     sc.add_argument("--threads", type=int, default=None, help="torch threads per probe (default: all cores)")
     sc.add_argument("--workdir", type=Path, default=None, help="where the families go (default: a temp folder)")
+    sc.add_argument("--eager", default="", help="methods also probed with eager kernels (the GPU's), such as ties,dare_ties: their "
+                    "temporaries against the engine's workspace bound (slow on a CPU; default: none)")
     sc.add_argument("--json", action="store_true", help="print JSON")
     sc.set_defaults(handler=_run_bench_scale)
 
@@ -303,6 +305,7 @@ def _run_bench_scale(args: argparse.Namespace) -> int:
         device_memory=args.device_memory,
         threads=args.threads,
         workdir=args.workdir,
+        eager=tuple(_names(args.eager)) if args.eager else (),
         progress=not args.json,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
