@@ -68,7 +68,6 @@ import math
 import warnings
 from typing import Any, ClassVar, Mapping
 
-import cma
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -77,6 +76,14 @@ from evomerge.errors import ConfigError
 from evomerge.optimize._state import load_state, save_state
 from evomerge.optimize._unit_cube import UnitCube
 from evomerge.optimize.base import Optimizer, register
+
+
+def _cma() -> Any:
+    """pycma, imported when a CMA-ES optimizer is used (it takes seconds to import: not
+    paid by every run and every command that only registers the optimizers)."""
+    import cma
+
+    return cma
 
 __all__ = ["CmaOptimizer"]
 
@@ -148,7 +155,7 @@ class CmaOptimizer(Optimizer):
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
-        return _OWN_OPTIONS | (frozenset(cma.CMAOptions()) - _MANAGED_PYCMA)
+        return _OWN_OPTIONS | (frozenset(_cma().CMAOptions()) - _MANAGED_PYCMA)
 
     @staticmethod
     def _number(key: str, value: Any) -> float:
@@ -179,13 +186,13 @@ class CmaOptimizer(Optimizer):
         """A pycma option whose default is a number must be one: pycma fails on it mid-search."""
         dim = self._cube.dim
         loc = {"N": dim, "dim": dim, "popsize": popsize or 4 + int(3 * math.log(dim))}
-        defaults = cma.CMAOptions()
+        defaults = _cma().CMAOptions()
         for key, given in self._pycma_opts.items():
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "'x' is not a safe string": the error below says it
                     default = defaults.eval(key, loc=loc)
-                    value = cma.CMAOptions({key: given}).eval(key, loc=loc)
+                    value = _cma().CMAOptions({key: given}).eval(key, loc=loc)
             except Exception:  # noqa: BLE001 - an expression pycma itself cannot read: left to pycma
                 continue
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
@@ -206,7 +213,7 @@ class CmaOptimizer(Optimizer):
                 )
         return self._cube.to_unit(x0)
 
-    def _new_es(self, x0: np.ndarray, popsize: int | None) -> cma.CMAEvolutionStrategy:
+    def _new_es(self, x0: np.ndarray, popsize: int | None) -> Any:
         opts: dict[str, Any] = {**_QUIET, **self._pycma_opts}
         opts.update(bounds=[0.0, 1.0], randn=self._rng.randn, seed=np.nan)
         if popsize is not None:
@@ -214,7 +221,7 @@ class CmaOptimizer(Optimizer):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pycma warns about harmless option combinations
-                return cma.CMAEvolutionStrategy(list(x0), self._sigma0, opts)
+                return _cma().CMAEvolutionStrategy(list(x0), self._sigma0, opts)
         except Exception as exc:  # pycma raises assorted types for bad option values
             raise ConfigError(f"optimizer 'cma': invalid pycma options {self._pycma_opts}: {exc}") from None
 
