@@ -134,7 +134,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "dataflow",
         help="data-flow search on the zoo: depth pruning, joint vs parameter-only, routing cost",
         description="On the zoo: a data-flow search with layer count as a second objective (the best member of at "
-        "most 75%% of the base depth against the best full-depth one, on test, the front plotted); a joint "
+        "most 75% of the base depth against the best full-depth one, on test, the front plotted); a joint "
         "parameter + data-flow search against the parameter-only one at the same number of evaluations (held-out "
         "means); and what routing a candidate costs (time, weight bytes) on the zoo and on a synthetic family.",
     )
