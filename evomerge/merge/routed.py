@@ -78,6 +78,7 @@ class Router:
             raise MergeError("a router needs at least one source model")
         self.models = dict(models)
         self._hooked: set[int] = set()
+        self._wrappers: dict[tuple[str, int, int], RoutedLayer] = {}
         first = next(iter(self.models.values()))
         config = copy.deepcopy(first.config)
         config.num_hidden_layers = 0
@@ -92,6 +93,7 @@ class Router:
     def add(self, ref: str, model: nn.Module) -> None:
         """Route through one more model (a chain's live parameter merge, say)."""
         self.models[ref] = model
+        self._wrappers = {k: w for k, w in self._wrappers.items() if k[0] != ref}  # they wrap the old model's layers
         self._hook(model)
 
     def _hook(self, model: nn.Module) -> None:
@@ -116,11 +118,19 @@ class Router:
         wrappers = []
         for slot in recipe.slots():
             layer = self._model(slot.model).model.layers[slot.layer]
-            scales = {slot.scale(f"x.{s}.weight") for s in SCALED}
-            if len(scales) > 1 or any(slot.scale(n) is not None for n, _ in layer.named_parameters(prefix="x")
-                                      if not any(s in n for s in SCALED)):
-                raise MergeError(f"layer {slot.index}: a routed layer scales o_proj and down_proj alike, and nothing else")
-            wrappers.append(RoutedLayer(layer, slot.index, scales.pop()))
+            scale = None
+            if slot.scaled:  # filters are resolved only where a scale is set
+                scales = {slot.scale(f"x.{s}.weight") for s in SCALED}
+                if len(scales) > 1 or any(slot.scale(n) is not None for n, _ in layer.named_parameters(prefix="x")
+                                          if not any(s in n for s in SCALED)):
+                    raise MergeError(f"layer {slot.index}: a routed layer scales o_proj and down_proj alike, and nothing else")
+                scale = scales.pop()
+            key = (slot.model, slot.layer, slot.index)  # a wrapper per (layer, slot), made once: routing stays under a millisecond
+            wrapper = self._wrappers.get(key)
+            if wrapper is None:
+                wrapper = self._wrappers[key] = RoutedLayer(layer, slot.index)
+            wrapper.scale = scale
+            wrappers.append(wrapper)
         first, last = self._model(recipe.first_model), self._model(recipe.last_model)
         shell = self.shell
         shell.model.layers = nn.ModuleList(wrappers)

@@ -78,6 +78,11 @@ class Slot:
     source: SliceSource
     global_parameters: Optional[Parameters]
 
+    @property
+    def scaled(self) -> bool:
+        """Whether any scope of this layer sets ``scale`` at all (most paths: none)."""
+        return any(scope and "scale" in scope for scope in (self.source.parameters, self.global_parameters))
+
     def scale(self, tensor_name: str) -> Optional[float]:
         """The ``scale`` of one of this layer's tensors (None: not scaled)."""
         for scope in (self.source.parameters, self.global_parameters):
