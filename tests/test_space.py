@@ -40,7 +40,17 @@ def test_required_presets_ship():
     assert REQUIRED <= set(available_presets("search_spaces"))
 
 
-@pytest.mark.parametrize("preset", sorted(available_presets("search_spaces")))
+def _parameter_presets() -> list[str]:
+    """Presets of parameter merges (data-flow presets, ``kind: dataflow``, are tested in test_dataflow.py)."""
+    import yaml
+
+    from evomerge._presets import resolve_preset
+
+    return sorted(n for n in available_presets("search_spaces")
+                  if (yaml.safe_load(resolve_preset(n, "search_spaces").read_text()) or {}).get("kind") != "dataflow")
+
+
+@pytest.mark.parametrize("preset", _parameter_presets())
 def test_every_point_becomes_a_recipe_that_merges_with_its_values(preset, family):
     space = space_for(preset, family)
     point = random_point(space)
