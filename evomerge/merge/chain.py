@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from evomerge.errors import ConfigError
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import Recipe, malformed_yaml, recipe_text
 from evomerge.merge.slices import SliceRecipe
 
 CHAIN_KEY = "merge_chain"
@@ -104,19 +104,11 @@ def load_recipe(source: Union[AnyRecipe, dict, str, Path], *, where: str = "reci
         if CHAIN_KEY in source:
             return RecipeChain.from_list(list(source[CHAIN_KEY]), where=where)
         return _one(source, where=where)
-    text = str(source)
-    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file not found: {path}")
-        text = path.read_text()
+    text, where = recipe_text(source, where)
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{where}: malformed YAML{at}: {getattr(exc, 'problem', None) or 'not valid YAML'}") from None
+        raise malformed_yaml(where, exc) from None
     if not docs:
         raise ConfigError(f"{where}: the recipe is empty")
     return _one(docs[0], where=where) if len(docs) == 1 else RecipeChain.from_list(docs, where=where)

@@ -99,24 +99,11 @@ class Recipe(BaseModel):
     @classmethod
     def from_yaml(cls, text_or_path: str | Path, *, validate: bool = True) -> "Recipe":
         """Parse a recipe from YAML text or a file; errors name the file and field."""
-        where = "recipe"
-        if isinstance(text_or_path, Path) or (
-            isinstance(text_or_path, str) and "\n" not in text_or_path and text_or_path.endswith((".yaml", ".yml"))
-        ):
-            path = Path(text_or_path)
-            where = str(path)
-            if not path.is_file():
-                raise ConfigError(f"recipe file not found: {path}")
-            text = path.read_text()
-        else:
-            text = str(text_or_path)
+        text, where = recipe_text(text_or_path)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "not valid YAML"
-            raise ConfigError(f"{where}: malformed YAML{at}: {problem}") from None
+            raise malformed_yaml(where, exc) from None
         return cls.from_dict(data, where=where, validate=validate)
 
     @classmethod
@@ -210,6 +197,25 @@ class Recipe(BaseModel):
                 if value is not None:
                     return value
         return None
+
+
+def recipe_text(source: str | Path, where: str = "recipe") -> tuple[str, str]:
+    """(YAML text, where to say errors are) of a recipe given as a file or as text: a
+    Path, or a one-line string ending in .yaml / .yml, is a file."""
+    text = str(source)
+    if isinstance(source, Path) or ("\n" not in text and text.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        return path.read_text(), str(path)
+    return text, where
+
+
+def malformed_yaml(where: str, exc: yaml.YAMLError) -> ConfigError:
+    """One line for YAML that does not parse: where, line and column, the problem."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return ConfigError(f"{where}: malformed YAML{at}: {getattr(exc, 'problem', None) or 'not valid YAML'}")
 
 
 def evaluate_setting(tensor_name: str, setting: ParameterSetting, t: float) -> Any:
