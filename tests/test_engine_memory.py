@@ -57,7 +57,9 @@ def test_order_statistics_are_exact_for_awkward_magnitudes():
         (torch.randn(5000, generator=g) * 1e-30).abs(),  # subnormals share the lowest bins
         torch.full((5000,), 0.25),
         torch.randn(5000, generator=g).abs() * 1e30,
-        torch.cat([torch.full((70_000,), 0.25), torch.rand(1000, generator=g)]),  # a bin of over 65536 entries: counted, not kept
+        torch.cat([torch.full((70_000,), 0.25), torch.rand(1000, generator=g)]),  # a bin of over 65536 floor entries
+        torch.cat([torch.full((70_000,), 0.2500001), torch.rand(1000, generator=g)]),  # over 65536 above the floor: counted, not kept
+        torch.cat([torch.full((3000,), 0.25), 0.25 + 0.001 * torch.rand(2000, generator=g)]),  # floor and above it in one bin
     ]
     for x in cases:
         pieces = list(torch.split(x, 7001))
@@ -66,6 +68,10 @@ def test_order_statistics_are_exact_for_awkward_magnitudes():
         n = x.numel()
         for rank in (1, 2, 100, n // 2, n - 1, n):
             b, inside = hist.locate(rank)
+            at_floor = hist.floor_value(b, inside)
+            if at_floor is not None:
+                assert at_floor == float(desc[rank - 1]), (rank, float(desc[rank - 1]))
+                continue
             low = LowBits()
             for p in pieces:
                 low.add(p, b)

@@ -16,7 +16,7 @@ import torch
 
 from evomerge.merge._kernels import delta_sum_into, pair_sums_kernel, scalars, weighted_sum_into
 from evomerge.merge._random import SEGMENT, stream_key
-from evomerge.merge._selection import PACKED_MODELS, LowBits, bin_bounds, in_bins_kernel
+from evomerge.merge._selection import BINS_PER_MODEL, EMPTY_BIN, PACKED_MODELS, LowBits, bin_bounds, flagged, in_bins_kernel
 from evomerge.merge.methods.base import TensorPlan
 
 if TYPE_CHECKING:
@@ -159,24 +159,32 @@ class TensorJob:
                     answers[(m, r)] = hit
                     continue
                 b, rank_in_bin = hist.locate(r)
+                value = hist.floor_value(b, rank_in_bin)
+                if value is not None:  # a tie on the bin's floor: no pass
+                    engine.remember(("order", self.base, m, self.name, r), value)
+                    answers[(m, r)] = value
+                    continue
                 todo.setdefault(m, []).append((r, b, rank_in_bin))
         if todo:
             low = {m: LowBits() for m in todo}
-            bins = {m: sorted({bin_ for _, bin_, _ in asks}) for m, asks in todo.items()}
-            order = list(todo)
-            for g in range(0, len(order), PACKED_MODELS):
-                group = order[g : g + PACKED_MODELS]
-                bounds = [[bin_bounds(b) for b in bins[m]] for m in group]
+            bins = {m: sorted({bin_ for _, bin_, _ in todo.get(m, ())}) for m in models}
+            # one kernel variant for every candidate: all the models, the same number of
+            # bins each (empty ones padded), so a new candidate never recompiles it
+            width = max(BINS_PER_MODEL, *(len(v) for v in bins.values()))
+            for g in range(0, len(models), PACKED_MODELS):
+                group = models[g : g + PACKED_MODELS]
+                bounds = [[bin_bounds(b) for b in bins[m]] + [EMPTY_BIN] * (width - len(bins[m])) for m in group]
                 lows = [[torch.tensor(lo, dtype=torch.float32) for lo, _ in bb] for bb in bounds]
                 highs = [[torch.tensor(hi, dtype=torch.float32) for _, hi in bb] for bb in bounds]
                 for a, b in self.chunks():
                     base = self.read(self.base, a, b)
                     chunk = [self.read(m, a, b) for m in group]
-                    where = torch.nonzero(self.run(in_bins_kernel, base, chunk, lows, highs)).flatten()
+                    where = flagged(self.run(in_bins_kernel, base, chunk, lows, highs))
                     if where.numel():  # the few entries in some bin, made again exactly as the kernel saw them
                         b0 = base[where].to(torch.float32)
                         for m, x in zip(group, chunk):
-                            low[m].add((x[where].to(torch.float32) - b0).abs(), *bins[m])
+                            if m in low:
+                                low[m].add((x[where].to(torch.float32) - b0).abs(), *bins[m])
             for m, asks in todo.items():
                 for r, b, rank_in_bin in asks:
                     value = low[m].value(b, rank_in_bin)
@@ -184,13 +192,13 @@ class TensorJob:
                     answers[(m, r)] = value
         return answers
 
-    def draw_position(self, index: int, a: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Counter start and round keys of the random draws of the ``index``-th model for
-        the chunk starting at ``a`` (keys are 0-d tensors: no recompilation per tensor)."""
+    def draw_position(self, index: int, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Counter start and key of the random draws of the ``index``-th model for the
+        chunk starting at ``a`` (0-d int32 tensors: no recompilation per tensor)."""
         segment, start = divmod(a, SEGMENT)
         key = stream_key(self.seed, index, self.name, segment)
         device = self.engine.device
-        return torch.tensor(start, dtype=torch.int32, device=device), [torch.tensor(k, dtype=torch.int32, device=device) for k in key]
+        return torch.tensor(start, dtype=torch.int32, device=device), torch.tensor(key, dtype=torch.int32, device=device)
 
 
 def _chunk_numel(args: Sequence[Any]) -> int:

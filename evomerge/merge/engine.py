@@ -38,7 +38,7 @@ from evomerge.merge._job import TensorJob
 from evomerge.merge._kernels import Kernels
 from evomerge.merge._selection import HIGH_BINS, MagnitudeHistogram, count_bins, delta_stats_kernel
 from evomerge.merge.low_rank import is_lora_live, merge_into_lora
-from evomerge.merge.budget import MemoryBudget, Placement, plan_placement
+from evomerge.merge.budget import MemoryBudget, Placement, plan_placement, return_freed_host_memory
 from evomerge.merge.methods import MergeMethod, TensorPlan, get_method
 from evomerge.merge.params import ParamSpec
 from evomerge.merge.recipe import Recipe, parse_dtype
@@ -190,6 +190,9 @@ class MergeEngine:
         return next(iter(self.sources.values())).shape(name)
 
     # ------------------------------------------------------------------ statistics
+    def has_stat(self, key: tuple) -> bool:
+        return key in self._stats
+
     def stat(self, key: tuple, compute: Optional[Callable[[], Any]] = None) -> Any:
         """A per-tensor statistic (small), computed once by ``compute`` and kept."""
         if key not in self._stats:
@@ -203,7 +206,7 @@ class MergeEngine:
         todo = [m for m in models if ("delta", name, base, m) not in self._stats]
         if not todo:
             return
-        counts = {m: torch.zeros(HIGH_BINS, dtype=torch.int64) for m in todo}
+        counts = {m: torch.zeros(2 * HIGH_BINS, dtype=torch.int64) for m in todo}
         l1 = {m: 0.0 for m in todo}
         for a, b in chunks:
             base_chunk = self.read(base, name, a, b)
@@ -239,6 +242,8 @@ class MergeEngine:
         seed = recipe.random_seed if recipe.random_seed is not None else 0
         job = TensorJob(self, plan, recipe.base_model, seed, self.shape(plan.name), out.view(-1))
         method.merge(job)
+        if self.device.type == "cpu" and job.numel >= self.chunk_numel:
+            return_freed_host_memory()
 
     def merged_tensor(self, recipe: Recipe, plan: TensorPlan) -> torch.Tensor:
         """The merged value of one tensor: float32 for float tensors, the reference's for others."""

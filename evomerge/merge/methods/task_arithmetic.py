@@ -21,7 +21,10 @@ The masks need per-tensor statistics: an exact magnitude threshold (magnitude,
 outliers: :mod:`evomerge.merge._selection`), a counter-based random draw per entry
 (random, della: :mod:`evomerge.merge._random`) and, for DELLA, each entry's magnitude
 rank in its row (computed per block of rows). Rescaling gives a masked task vector its
-full L1 norm back (mergekit's rescale), which takes one pass for the masked norms.
+full L1 norm back (mergekit's rescale). For random masks the masked norm at any density
+is a prefix sum of a per-tensor histogram of magnitudes over the draws' levels (one
+pass per tensor, model and seed, for the first candidate); DELLA's masks depend on the
+ranks, so each new DELLA candidate takes one pass for its masked norms.
 
 Example:
     >>> base = torch.zeros(4)
@@ -39,7 +42,7 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge._kernels import into, scalars
-from evomerge.merge._random import UNIFORM_LEVELS, draws16, random_cut
+from evomerge.merge._random import CUT_LEVELS, LEVEL_SHIFT, UNIFORM_LEVELS, draw_level, model_draws, random_cut
 from evomerge.merge.methods.base import MergeMethod, TensorPlan
 from evomerge.merge.params import UNIT, WEIGHT, ParamSpec
 
@@ -83,11 +86,13 @@ def merge_terms(base: torch.Tensor, terms: Sequence[torch.Tensor], weights: Sequ
     zero = torch.zeros((), dtype=base.dtype)
     one = torch.ones((), dtype=base.dtype)
     if consensus:
-        positive = _sum(terms) >= 0
+        # the elected sign as +-1 (positive on a zero sum): a term agrees when its product
+        # with it is positive, one multiply and compare instead of two compares and a select
+        sign = torch.where(_sum(terms) >= 0, one, -one)
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for x, w in zip(terms, weights):
-            agree = torch.where(positive, x > 0, x < 0)
+            agree = x * sign > 0
             mixed = mixed + torch.where(agree, x, zero)
             divisor = divisor + torch.where(agree, w, zero)
         divisor = torch.where(divisor == 0, one, divisor)
@@ -149,24 +154,34 @@ def check_della(density: float, epsilon: float) -> None:
         raise ConfigError(f"della: epsilon {epsilon:g} with density {density:g} must keep density +/- epsilon inside (0, 1)")
 
 
+RANK_BLOCK_NUMEL = 1 << 20  # rows sorted at once: the sort's int64 temporaries stay a few MiB
+
+
 def row_rank_norm(magnitudes: torch.Tensor, row_length: int) -> torch.Tensor:
-    """Each entry's magnitude rank within its row, scaled to [0, 1] (0 smallest)."""
+    """Each entry's magnitude rank within its row, scaled to [0, 1] (0 smallest).
+
+    Ties are ranked by position (a stable sort), so a CPU and a GPU give the same ranks.
+    """
     rows = magnitudes.reshape(-1, row_length)
-    order = torch.argsort(rows, dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(row_length, device=rows.device).expand_as(order))
-    return (ranks.to(torch.float32) / max(row_length - 1, 1)).reshape(magnitudes.shape)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    step = max(1, RANK_BLOCK_NUMEL // row_length)
+    positions = torch.arange(row_length, dtype=torch.float32, device=rows.device) / max(row_length - 1, 1)
+    for r in range(0, rows.shape[0], step):
+        block = rows[r : r + step]
+        order = torch.sort(block, dim=1, stable=True).indices
+        out[r : r + step].scatter_(1, order, positions.expand(block.shape))
+    return out.reshape(magnitudes.shape)
 
 
 # --------------------------------------------------------------------------- fused chunk kernels
 
 
-def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor], draws: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Keep mask from per-tensor statistics, written so torch.compile can fuse it.
 
-    magnitude: aux = (threshold,); outliers: (low, high); random: (start, round keys, cut);
-    della: (start, round keys, rank_norm, low_prob, span). Draws are computed from the entry's
-    position (``start`` + offset in the chunk). A keep-all setting is expressed by
+    magnitude: aux = (threshold,); outliers: (low, high); random: (start, key, cut);
+    della: (start, key, rank_norm, low_prob, span). ``draws`` are the model's draws at
+    the chunk's positions (:func:`chunk_draws`). A keep-all setting is expressed by
     thresholds (-inf, cut 65536) rather than by branching, so one compiled kernel
     serves every density.
     """
@@ -177,13 +192,21 @@ def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor]) -> 
     if kind == "outliers":
         a = d.abs()
         return (a >= aux[0]) & (a <= aux[1])
-    position = torch.arange(d.shape[0], dtype=torch.int32, device=d.device) + aux[0]
-    draws = draws16(position, aux[1]).to(torch.float32)
+    u = draws.to(torch.float32)
     if kind == "random":
-        return draws < aux[2]
+        return u < aux[2]
     if kind == "della":
-        return (draws + 0.5) * (1.0 / UNIFORM_LEVELS) < aux[3] + aux[2] * aux[4]
+        return (u + 0.5) * (1.0 / UNIFORM_LEVELS) < aux[3] + aux[2] * aux[4]
     raise ValueError(kind)
+
+
+def chunk_draws(kind: Optional[str], n: int, aux: Sequence[Sequence[torch.Tensor]], device: torch.device) -> list[Optional[torch.Tensor]]:
+    """Every model's draws on a chunk of ``n`` entries (random and della masks; one hash
+    per pair of models), from the chunk's start and the keys in ``aux``."""
+    if kind not in ("random", "della"):
+        return [None] * len(aux)
+    position = torch.arange(n, dtype=torch.int32, device=device) + aux[0][0]
+    return model_draws(position, [a[1] for a in aux])
 
 
 def task_vector_kernel(
@@ -199,10 +222,11 @@ def task_vector_kernel(
 ) -> torch.Tensor:
     b = base.to(torch.float32)
     zero = torch.zeros((), dtype=torch.float32)
+    draws = chunk_draws(kind, b.shape[0], aux, b.device)
     terms = []
     for i, m in enumerate(models):
         d = m.to(torch.float32) - b
-        keep = _mask(kind, d, aux[i])
+        keep = _mask(kind, d, aux[i], draws[i])
         x = d if keep is None else torch.where(keep, d, zero)
         if scales is not None:
             x = x * scales[i]
@@ -214,13 +238,24 @@ def masked_l1_kernel(base: torch.Tensor, models: list[torch.Tensor], aux: list[l
     """L1 norms of every masked task vector of one chunk, in one fused pass."""
     b = base.to(torch.float32)
     zero = torch.zeros((), dtype=torch.float32)
+    draws = chunk_draws(kind, b.shape[0], aux, b.device)
     sums = []
-    for m, a in zip(models, aux):
+    for m, a, u in zip(models, aux, draws):
         d = m.to(torch.float32) - b
-        keep = _mask(kind, d, a)
+        keep = _mask(kind, d, a, u)
         mag = d.abs()
         sums.append((mag if keep is None else torch.where(keep, mag, zero)).sum())
     return torch.stack(sums)
+
+
+def draw_levels_kernel(base: torch.Tensor, models: list[torch.Tensor], start: torch.Tensor, keys: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per model on one chunk: each entry's draw level (int32) and task-vector magnitude
+    (float64, the histogram's weights), in one fused pass reading the base once."""
+    b = base.to(torch.float32)
+    position = torch.arange(b.shape[0], dtype=torch.int32, device=b.device) + start
+    levels = [draw_level(u) for u in model_draws(position, keys)]
+    magnitudes = [(m.to(torch.float32) - b).abs().to(torch.float64) for m in models]
+    return levels, magnitudes
 
 
 task_vector_into = into(task_vector_kernel)
@@ -349,6 +384,36 @@ class TaskArithmetic(MergeMethod):
 
     def _l1_scales(self, job: Any, models: list[str], params: list[dict], static: list[list]) -> list[torch.Tensor]:
         """mergekit's rescale: give each masked task vector its full L1 norm back."""
+        if self.sparsify == "random":
+            after = self._random_masked_l1(job, models, static)
+        else:
+            after = self._della_masked_l1(job, models, static)
+        before = job.delta_l1(models)
+        scales = []
+        for p, full_l1, masked in zip(params, before, after):
+            full = p.get("density", 1.0) >= 1  # mergekit leaves it untouched
+            scales.append(1.0 if full or full_l1 < 1e-7 or masked < 1e-7 else full_l1 / masked)
+        return scalars(scales)
+
+    def _random_masked_l1(self, job: Any, models: list[str], static: list[list]) -> list[float]:
+        """Masked norms from each model's L1 histogram over the draw levels (prefix sums,
+        float64), computed in one pass the first time a tensor, model and seed is seen."""
+        keys = [("draw_l1", job.name, job.base, m, job.seed, i) for i, m in enumerate(models)]
+        if not all(job.engine.has_stat(k) for k in keys):  # all the models in one pass (pairs share their draws' hash)
+            todo = range(len(models))
+            hists = {i: torch.zeros(CUT_LEVELS, dtype=torch.float64) for i in todo}
+            for a, b in job.chunks():
+                base = job.read(job.base, a, b)
+                draws = [job.draw_position(i, a) for i in todo]
+                levels, mags = job.run(draw_levels_kernel, base, [job.read(m, a, b) for m in models], draws[0][0], [d[1] for d in draws])
+                for i, lv, mg in zip(todo, levels, mags):
+                    hists[i] += torch.bincount(lv, weights=mg, minlength=CUT_LEVELS).cpu()
+            for i in todo:
+                job.engine.stat(keys[i], lambda h=hists[i]: torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h, 0)]))
+        return [float(job.engine.stat(k)[int(s[0]) >> LEVEL_SHIFT]) for k, s in zip(keys, static)]
+
+    def _della_masked_l1(self, job: Any, models: list[str], static: list[list]) -> list[float]:
+        """Masked norms of DELLA's rank-dependent masks: one pass per new candidate."""
         keys = [("masked_l1", self.sparsify, job.name, job.base, m, job.seed, i, tuple(float(x) for x in static[i])) for i, m in enumerate(models)]
         after = [job.engine.recall(k) for k in keys]
         if any(a is None for a in after):  # one pass for the masked norms, kept for the next candidates
@@ -361,12 +426,7 @@ class TaskArithmetic(MergeMethod):
                 after = [x + y for x, y in zip(after, sums)]
             for k, a in zip(keys, after):
                 job.engine.remember(k, a)
-        before = job.delta_l1(models)
-        scales = []
-        for p, full_l1, masked in zip(params, before, after):
-            full = p.get("density", 1.0) >= 1  # mergekit leaves it untouched
-            scales.append(1.0 if full or full_l1 < 1e-7 or masked < 1e-7 else full_l1 / masked)
-        return scalars(scales)
+        return after
 
 
 _GAMMA = ParamSpec("gamma", float, 0.01, **UNIT)
