@@ -32,7 +32,7 @@ def test_every_method_variant_is_compiled_not_dropped_to_eager(monkeypatch):
         None: [],
         "magnitude": [torch.tensor(0.5)],
         "outliers": [torch.tensor(0.1), torch.tensor(2.0)],
-        "random": [start, key, torch.tensor(30000.0)],
+        "random": [start, key, torch.tensor(30000, dtype=torch.int32)],
         "della": [start, key, torch.rand(2048, generator=g), torch.tensor(0.3), torch.tensor(0.2)],
     }
     weights = K.scalars([0.3, 0.5, 0.2])

@@ -78,14 +78,14 @@ def count_phase(tmp_path: Path, phase: str) -> int:
     return (tmp_path / "phases.log").read_text().split().count(phase)
 
 
-@pytest.mark.parametrize("storage", ["journal", "sqlite"])
-def test_sigkill_at_random_points_then_resume_to_the_budget(family, tmp_path, storage):
+def test_sigkill_at_random_points_then_resume_to_the_budget(family, tmp_path):
+    """Five kills of the journal-backed driver (the default storage); a killed SQLite
+    and PostgreSQL driver are resumed in test_one_run.py."""
     rng = random.Random(7)
     cfg = write_config(family, tmp_path / "search.yaml")
     env = harness_env(tmp_path, family)
     run_dir = tmp_path / "runs" / "search"
-    extra = ["--storage", f"sqlite:///{tmp_path / 'study.db'}"] if storage == "sqlite" else []
-    cmd = [sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"] + extra
+    cmd = [sys.executable, str(HARNESS), "search", str(cfg), "--runs-dir", str(tmp_path / "runs"), "--json"]
     kills = []
     for phase in ["merge", "evaluate", "pareto_write", "evaluate", "pareto_write"]:
         before = count_phase(tmp_path, phase)

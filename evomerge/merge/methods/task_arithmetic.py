@@ -192,11 +192,10 @@ def _mask(kind: Optional[str], d: torch.Tensor, aux: Sequence[torch.Tensor], dra
     if kind == "outliers":
         a = d.abs()
         return (a >= aux[0]) & (a <= aux[1])
-    u = draws.to(torch.float32)
     if kind == "random":
-        return u < aux[2]
+        return draws < aux[2]  # int32: no conversion per entry
     if kind == "della":
-        return (u + 0.5) * (1.0 / UNIFORM_LEVELS) < aux[3] + aux[2] * aux[4]
+        return (draws.to(torch.float32) + 0.5) * (1.0 / UNIFORM_LEVELS) < aux[3] + aux[2] * aux[4]
     raise ValueError(kind)
 
 
@@ -365,7 +364,7 @@ class TaskArithmetic(MergeMethod):
         for i, p in enumerate(params):
             density = p["density"]
             if kind == "random":
-                out.append([torch.tensor(float(random_cut(density) if density < 1 else UNIFORM_LEVELS), **f32)])
+                out.append([torch.tensor(random_cut(density) if density < 1 else UNIFORM_LEVELS, dtype=torch.int32)])
             else:  # della: keep-all at density 1 and keep-none at 0, as mergekit does
                 eps = p["epsilon"]
                 low, span = (2.0, 0.0) if density >= 1 else ((-1.0, 0.0) if density <= 0 else (density - eps, 2 * eps))
