@@ -8,12 +8,9 @@ modulo 2**32 on every CPU and GPU, and shifts masked to act as unsigned ones. So
 member scored on a GPU worker is the model ``evomerge merge`` rebuilds on a CPU. One
 hash gives two models their draws (its high and low halves, uncorrelated): models 2j
 and 2j + 1 share key j. Three products per two draws; a Feistel network of four rounds
-of exact 16-bit products (this module's first design) cost three times that. The same seed gives the same masks (common random numbers), and a
-mask at a lower density is a subset of the mask at a higher one.
-
-Densities act through :func:`random_cut`, on a grid of :data:`CUT_LEVELS` steps: so a
-random mask's L1 norm at any density is a prefix sum of a small per-tensor histogram
-(:func:`draw_level`), and rescaling a DARE candidate needs no pass over the weights.
+of exact 16-bit products (this module's first design) cost three times that. The same
+seed gives the same masks (common random numbers), and a mask at a lower density is a
+subset of the mask at a higher one.
 
 Example:
     >>> import torch
@@ -35,8 +32,6 @@ from typing import Union
 import torch
 
 UNIFORM_LEVELS = 1 << 16  # a draw r in [0, 65536) stands for the uniform value (r + 0.5) / 65536
-CUT_LEVELS = 1 << 12  # densities of random masks are rounded to multiples of 1/4096
-LEVEL_SHIFT = 4  # draw >> 4: the draw's level on that grid
 SEGMENT = 1 << 31  # int32 counters: a tensor's positions are numbered within segments of this size
 # 0x9E3779B1 (the golden ratio), 0x85EBCA6B, 0xC2B2AE35 (MurmurHash3's finalizer) as int32
 _GOLDEN = -1640531535
@@ -81,15 +76,9 @@ def model_draws(position: torch.Tensor, keys: list[Key]) -> list[torch.Tensor]:
     return out
 
 
-def draw_level(draws: torch.Tensor) -> torch.Tensor:
-    """Each draw's level on the density grid (0 .. CUT_LEVELS - 1): kept at density
-    ``d`` when the level is below ``round(d * CUT_LEVELS)``."""
-    return draws >> LEVEL_SHIFT
-
-
 def random_cut(density: float) -> int:
     """Integer cut on the draws: an entry is kept when its draw is below it.
 
-    The keep probability is round(density * 4096) / 4096, within 2**-13 of ``density``.
+    The keep probability is round(density * 65536) / 65536, within 2**-17 of ``density``.
     """
-    return int(round(min(max(density, 0.0), 1.0) * CUT_LEVELS)) << LEVEL_SHIFT
+    return int(round(min(max(density, 0.0), 1.0) * UNIFORM_LEVELS))

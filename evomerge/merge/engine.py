@@ -190,9 +190,6 @@ class MergeEngine:
         return next(iter(self.sources.values())).shape(name)
 
     # ------------------------------------------------------------------ statistics
-    def has_stat(self, key: tuple) -> bool:
-        return key in self._stats
-
     def stat(self, key: tuple, compute: Optional[Callable[[], Any]] = None) -> Any:
         """A per-tensor statistic (small), computed once by ``compute`` and kept."""
         if key not in self._stats:

@@ -21,10 +21,8 @@ The masks need per-tensor statistics: an exact magnitude threshold (magnitude,
 outliers: :mod:`evomerge.merge._selection`), a counter-based random draw per entry
 (random, della: :mod:`evomerge.merge._random`) and, for DELLA, each entry's magnitude
 rank in its row (computed per block of rows). Rescaling gives a masked task vector its
-full L1 norm back (mergekit's rescale). For random masks the masked norm at any density
-is a prefix sum of a per-tensor histogram of magnitudes over the draws' levels (one
-pass per tensor, model and seed, for the first candidate); DELLA's masks depend on the
-ranks, so each new DELLA candidate takes one pass for its masked norms.
+full L1 norm back (mergekit's rescale), which takes one pass per new candidate for the
+masked norms.
 
 Example:
     >>> base = torch.zeros(4)
@@ -42,7 +40,7 @@ import torch
 
 from evomerge.errors import ConfigError
 from evomerge.merge._kernels import into, scalars
-from evomerge.merge._random import CUT_LEVELS, LEVEL_SHIFT, UNIFORM_LEVELS, draw_level, model_draws, random_cut
+from evomerge.merge._random import UNIFORM_LEVELS, model_draws, random_cut
 from evomerge.merge.methods.base import MergeMethod, TensorPlan
 from evomerge.merge.params import UNIT, WEIGHT, ParamSpec
 
@@ -247,16 +245,6 @@ def masked_l1_kernel(base: torch.Tensor, models: list[torch.Tensor], aux: list[l
     return torch.stack(sums)
 
 
-def draw_levels_kernel(base: torch.Tensor, models: list[torch.Tensor], start: torch.Tensor, keys: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per model on one chunk: each entry's draw level (int32) and task-vector magnitude
-    (float64, the histogram's weights), in one fused pass reading the base once."""
-    b = base.to(torch.float32)
-    position = torch.arange(b.shape[0], dtype=torch.int32, device=b.device) + start
-    levels = [draw_level(u) for u in model_draws(position, keys)]
-    magnitudes = [(m.to(torch.float32) - b).abs().to(torch.float64) for m in models]
-    return levels, magnitudes
-
-
 task_vector_into = into(task_vector_kernel)
 
 
@@ -383,10 +371,7 @@ class TaskArithmetic(MergeMethod):
 
     def _l1_scales(self, job: Any, models: list[str], params: list[dict], static: list[list]) -> list[torch.Tensor]:
         """mergekit's rescale: give each masked task vector its full L1 norm back."""
-        if self.sparsify == "random":
-            after = self._random_masked_l1(job, models, static)
-        else:
-            after = self._della_masked_l1(job, models, static)
+        after = self._masked_l1(job, models, static)
         before = job.delta_l1(models)
         scales = []
         for p, full_l1, masked in zip(params, before, after):
@@ -394,25 +379,10 @@ class TaskArithmetic(MergeMethod):
             scales.append(1.0 if full or full_l1 < 1e-7 or masked < 1e-7 else full_l1 / masked)
         return scalars(scales)
 
-    def _random_masked_l1(self, job: Any, models: list[str], static: list[list]) -> list[float]:
-        """Masked norms from each model's L1 histogram over the draw levels (prefix sums,
-        float64), computed in one pass the first time a tensor, model and seed is seen."""
-        keys = [("draw_l1", job.name, job.base, m, job.seed, i) for i, m in enumerate(models)]
-        if not all(job.engine.has_stat(k) for k in keys):  # all the models in one pass (pairs share their draws' hash)
-            todo = range(len(models))
-            hists = {i: torch.zeros(CUT_LEVELS, dtype=torch.float64) for i in todo}
-            for a, b in job.chunks():
-                base = job.read(job.base, a, b)
-                draws = [job.draw_position(i, a) for i in todo]
-                levels, mags = job.run(draw_levels_kernel, base, [job.read(m, a, b) for m in models], draws[0][0], [d[1] for d in draws])
-                for i, lv, mg in zip(todo, levels, mags):
-                    hists[i] += torch.bincount(lv, weights=mg, minlength=CUT_LEVELS).cpu()
-            for i in todo:
-                job.engine.stat(keys[i], lambda h=hists[i]: torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(h, 0)]))
-        return [float(job.engine.stat(k)[int(s[0]) >> LEVEL_SHIFT]) for k, s in zip(keys, static)]
-
-    def _della_masked_l1(self, job: Any, models: list[str], static: list[list]) -> list[float]:
-        """Masked norms of DELLA's rank-dependent masks: one pass per new candidate."""
+    def _masked_l1(self, job: Any, models: list[str], static: list[list]) -> list[float]:
+        """Masked norms: one pass per new candidate, kept for later ones. (A histogram of
+        magnitudes over DARE's draw levels would spare the pass; its temporaries grew the
+        engine's peak by about 1 byte per parameter in ``bench scale``, so not yet.)"""
         keys = [("masked_l1", self.sparsify, job.name, job.base, m, job.seed, i, tuple(float(x) for x in static[i])) for i, m in enumerate(models)]
         after = [job.engine.recall(k) for k in keys]
         if any(a is None for a in after):  # one pass for the masked norms, kept for the next candidates
