@@ -60,9 +60,8 @@ def hash32(position: torch.Tensor, key: Key) -> torch.Tensor:
 
 def draws16(position: torch.Tensor, key: Key, half: int = 0) -> torch.Tensor:
     """Uniform integers in [0, 65536) for the entries at ``position`` (int32, within a
-    segment): the hash's high half for an even model, its low half for an odd one."""
-    h = hash32(position, key)
-    return (h >> 16) & 0xFFFF if half == 0 else h & 0xFFFF
+    segment): the hash's high half for an even model (``half`` 0), its low half for an odd one."""
+    return model_draws(position, [key, key])[half]
 
 
 def model_draws(position: torch.Tensor, keys: list[Key]) -> list[torch.Tensor]:
@@ -70,10 +69,8 @@ def model_draws(position: torch.Tensor, keys: list[Key]) -> list[torch.Tensor]:
     out = []
     for i in range(0, len(keys), 2):
         h = hash32(position, keys[i])
-        out.append((h >> 16) & 0xFFFF)
-        if i + 1 < len(keys):
-            out.append(h & 0xFFFF)
-    return out
+        out += [(h >> 16) & 0xFFFF, h & 0xFFFF]
+    return out[: len(keys)]
 
 
 def random_cut(density: float) -> int:

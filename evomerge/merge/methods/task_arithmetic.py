@@ -370,19 +370,11 @@ class TaskArithmetic(MergeMethod):
         return [start, key, row_rank_norm(magnitudes, job.row_length), static[0], static[1]]
 
     def _l1_scales(self, job: Any, models: list[str], params: list[dict], static: list[list]) -> list[torch.Tensor]:
-        """mergekit's rescale: give each masked task vector its full L1 norm back."""
-        after = self._masked_l1(job, models, static)
-        before = job.delta_l1(models)
-        scales = []
-        for p, full_l1, masked in zip(params, before, after):
-            full = p.get("density", 1.0) >= 1  # mergekit leaves it untouched
-            scales.append(1.0 if full or full_l1 < 1e-7 or masked < 1e-7 else full_l1 / masked)
-        return scalars(scales)
+        """mergekit's rescale: give each masked task vector its full L1 norm back.
 
-    def _masked_l1(self, job: Any, models: list[str], static: list[list]) -> list[float]:
-        """Masked norms: one pass per new candidate, kept for later ones. (A histogram of
-        magnitudes over DARE's draw levels would spare the pass; its temporaries grew the
-        engine's peak by about 1 byte per parameter in ``bench scale``, so not yet.)"""
+        The masked norms take one pass per new candidate. (For DARE, a per-tensor histogram
+        of magnitudes over the draws' levels would spare it; tried, its temporaries grew
+        the engine's memory by 4.3 bytes per added parameter in ``bench scale``.)"""
         keys = [("masked_l1", self.sparsify, job.name, job.base, m, job.seed, i, tuple(float(x) for x in static[i])) for i, m in enumerate(models)]
         after = [job.engine.recall(k) for k in keys]
         if any(a is None for a in after):  # one pass for the masked norms, kept for the next candidates
@@ -395,7 +387,12 @@ class TaskArithmetic(MergeMethod):
                 after = [x + y for x, y in zip(after, sums)]
             for k, a in zip(keys, after):
                 job.engine.remember(k, a)
-        return after
+        before = job.delta_l1(models)
+        scales = []
+        for p, full_l1, masked in zip(params, before, after):
+            full = p.get("density", 1.0) >= 1  # mergekit leaves it untouched
+            scales.append(1.0 if full or full_l1 < 1e-7 or masked < 1e-7 else full_l1 / masked)
+        return scalars(scales)
 
 
 _GAMMA = ParamSpec("gamma", float, 0.01, **UNIT)
