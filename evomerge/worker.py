@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from evomerge._background import BackgroundWriter, WriteDone, snapshot_fits
+
 JobKind = Literal["screen", "full", "holdout", "write"]
 
 
@@ -92,6 +94,8 @@ class JobResult:
     written: Optional[str] = None  # the member folder written in place, or (files set) to be written by the driver
     files: Optional[dict[str, bytes]] = None  # a member's files, when the worker does not share the run folder
     write_error: Optional[str] = None  # writing the member's folder failed (the scores stand)
+    write_pending: bool = False  # ``written`` is being written in the background (see evomerge._background)
+    writes_done: list[WriteDone] = field(default_factory=list)  # background writes finished since the last result
     note: Optional[str] = None  # a worker's first result: what its merge engine holds where
 
 
@@ -132,6 +136,7 @@ class Worker:
         self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
         self._evaluators: dict[str, list[tuple[str, Any]]] = {}
         self._router: Any = None  # built on the first layer stack (data-flow search)
+        self._writer = BackgroundWriter()
 
     def router(self) -> Any:
         """The router of layer stacks: every source loaded once, as modules to route through."""
@@ -207,7 +212,13 @@ class Worker:
         result = self._run(job)
         if not self._noted:  # the driver says it once per kind of worker
             result.note, self._noted = f"{self.worker_id}: {self.placement}", True
+        result.writes_done = self._writer.drain()
         return result
+
+    def flush_writes(self) -> list[WriteDone]:
+        """Wait for the member being written in the background; what finished since the last result."""
+        self._writer.wait()
+        return self._writer.drain()
 
     def _run(self, job: Job) -> JobResult:
         from evomerge.merge.chain import load_recipe
@@ -259,6 +270,15 @@ class Worker:
         shared = req.token is not None and _node_token(folder.parent.parent) == req.token
         target = folder if shared else Path(tempfile.mkdtemp(prefix="evomerge-member-")) / folder.name
         try:
+            if shared and job.kind == "full" and isinstance(recipe, Recipe) and not is_lora_live(self.model) and not target.is_dir() \
+                    and snapshot_fits(self.engine.placement.live_model_bytes):
+                # The live model moves on to the next candidate: write from a host copy, in the background.
+                self._writer.wait()
+                snapshot = self.engine.snapshot(self.model)
+                self._writer.start(job.trial, str(folder), lambda: self.engine.write_live(snapshot, recipe, target))
+                result.written, result.write_pending = str(folder), True
+                result.write_seconds = time.perf_counter() - t0
+                return result
             if not target.is_dir():
                 if not isinstance(recipe, Recipe):  # a layer stack (data-flow search)
                     self._write_stack(recipe, target)

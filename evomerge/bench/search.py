@@ -70,7 +70,8 @@ class _Recorder:
         self.cpu_last: Optional[tuple[float, float]] = None
         self.busy = 0.0
         self.merge = 0.0
-        self.write = 0.0
+        self.write = 0.0  # the workers' own time on members: snapshots, waits, synchronous writes
+        self.background = 0.0  # members written in the workers' background threads
         self.results = 0
 
     def submit(self, job: Job) -> None:
@@ -88,6 +89,7 @@ class _Recorder:
             self.busy += r.merge_seconds + r.eval_seconds
             self.merge += r.merge_seconds
             self.write += r.write_seconds
+            self.background += sum(d.seconds for d in r.writes_done)
             self.results += 1
         return out
 
@@ -96,6 +98,11 @@ class _Recorder:
 
     def cancel_all(self) -> list:
         return self.inner.cancel_all()
+
+    def flush(self) -> list:
+        done = self.inner.flush()
+        self.background += sum(d.seconds for d in done)
+        return done
 
     def shutdown(self) -> None:
         self.inner.shutdown()
@@ -399,6 +406,7 @@ def _members_probe(workdir: Path, n_params: int, trials: int, cpus: float, progr
         "member_folder_bytes": sum(f.stat().st_size for f in pareto.rglob("*") if f.is_file()) // max(1, len(summary["pareto"])),
         "driver_private_peak_bytes": peak.peak,
         "worker_write_seconds": rec.write,
+        "background_write_seconds": rec.background,
         "worker_busy_seconds": busy,
         "write_fraction": rec.write / busy if busy else 0.0,
     }
@@ -514,6 +522,11 @@ def format_table(result: dict[str, Any]) -> str:
             f"  driver private memory peak {w['driver_private_peak_bytes'] * mb:.0f} MiB (target < 600); workers spent "
             f"{100 * w['write_fraction']:.1f}% of their time writing members ({w['worker_write_seconds']:.1f} of {w['worker_busy_seconds']:.1f} s; target < 5%)"
         )
+        if w.get("background_write_seconds"):
+            lines.append(
+                f"  (snapshots and waits; the folders took {w['background_write_seconds']:.1f} s to write in the workers' "
+                "background threads while they merged and scored the next candidates)"
+            )
     if result.get("load_average"):
         start = result.get("load_average_start")
         at_start = f"{' '.join(f'{x:.2f}' for x in start)} at the start, " if start else ""

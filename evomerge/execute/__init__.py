@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Optional, Protocol
 
 from evomerge.errors import ConfigError
+from evomerge._background import WriteDone
 from evomerge.worker import Job, JobResult, WorkerSpec
 
 
@@ -33,6 +34,11 @@ class Executor(Protocol):
 
     def cancel_all(self) -> list[Job]:
         """Drop every job not yet finished; returns them."""
+        ...
+
+    def flush(self) -> list[WriteDone]:
+        """Wait for the front members workers write in the background; those finished
+        since the workers' last results."""
         ...
 
     def shutdown(self) -> None: ...

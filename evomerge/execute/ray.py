@@ -91,6 +91,7 @@ from typing import Any, Optional
 import ray
 import ray.exceptions as rex
 
+from evomerge._background import WriteDone
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.worker import Job, JobResult, Worker, WorkerSpec
 
@@ -460,6 +461,22 @@ class RayExecutor:
                     break
             self._outstanding = 0
             return dropped
+
+    def flush(self, timeout: float = 3600) -> list[WriteDone]:
+        """Wait for the members the actors write in the background. An actor that died
+        meanwhile lost its write, and one still running a copy nobody waits for (a
+        straggler whose backup won) is not waited for: a folder they leave missing is
+        written again at the driver's request."""
+        with self._lock:
+            actors = [a for a in self._actors.values() if a.running is None]
+        refs = [a.handle.flush_writes.remote() for a in actors]
+        done: list[WriteDone] = []
+        for ref in refs:
+            try:
+                done.extend(ray.get(ref, timeout=timeout))
+            except Exception:  # noqa: BLE001 - a dead or stuck actor; see the docstring
+                continue
+        return done
 
     def shutdown(self) -> None:
         self._stop.set()

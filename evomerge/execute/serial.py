@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Optional
 
+from evomerge._background import WriteDone
 from evomerge.worker import Job, JobResult, Worker, WorkerSpec
 
 
@@ -34,6 +35,9 @@ class SerialExecutor:
         jobs = list(self._queue)
         self._queue.clear()
         return jobs
+
+    def flush(self) -> list[WriteDone]:
+        return self.worker.flush_writes()
 
     def shutdown(self) -> None:
         self._queue.clear()

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -328,17 +328,22 @@ class MergeEngine:
             "seconds": time.perf_counter() - start,
         }
 
-    def write_live(self, model: torch.nn.Module, recipe: Recipe, out: Path, *, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
-        """Write a live model that holds ``recipe``'s merge (after :meth:`merge_into`) as the
-        folder :meth:`write` would make, without merging again: its tensors in its dtype."""
+    def snapshot(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Host copies of a live model's tensors, for :meth:`write_live` once the model has
+        moved on to the next candidate (a worker writes front members in the background)."""
+        state = self._live_state(model)
+        return {n: state[n].detach().to("cpu", copy=True) for n in self.names}
+
+    def write_live(self, model: torch.nn.Module | Mapping[str, torch.Tensor], recipe: Recipe, out: Path, *, overwrite: bool = False,
+                   shard_bytes: int = SHARD_BYTES) -> dict[str, Any]:
+        """Write a live model that holds ``recipe``'s merge (after :meth:`merge_into`), or its
+        :meth:`snapshot`, as the folder :meth:`write` would make, without merging again: its
+        tensors in its dtype."""
         out = Path(out)
         check_output_folder(out, overwrite)
         start = time.perf_counter()
         ref = self._reference(recipe)
-        state = model.state_dict()
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise MergeError(f"the live model has no tensor named {missing[0]}")
+        state = self._live_state(model) if isinstance(model, torch.nn.Module) else model
         dtype = next((state[n].dtype for n in self.names if state[n].is_floating_point()), torch.float32)
         sizes = [(n, state[n].numel() * state[n].element_size()) for n in self.names]
         with atomic_folder(out, overwrite=overwrite) as tmp:
@@ -346,6 +351,13 @@ class MergeEngine:
             write_model_files(tmp, ref, recipe, dtype, self._tokenizer_source(recipe, ref), title=out.name)
         return {"out": str(out), "merge_method": recipe.merge_method, "n_tensors": len(self.names), "n_shards": n_shards,
                 "dtype": str(dtype).removeprefix("torch."), "seconds": time.perf_counter() - start}
+
+    def _live_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = model.state_dict()
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise MergeError(f"the live model has no tensor named {missing[0]}")
+        return state
 
     def write_adapter(self, recipe: Recipe, out: Path, *, rank: Optional[int] = None, overwrite: bool = False) -> dict[str, Any]:
         """Write the merge as one PEFT LoRA adapter: exact for a linear merge of adapters,

@@ -141,6 +141,7 @@ class Search:
         out["errors"] = grouped_errors(state.errors)
         out["members_written"] = state.members_written
         out["write_seconds"] = state.write_seconds
+        out["background_write_seconds"] = state.background_write_seconds
         out["holdout_jobs"] = state.holdout_jobs
         out["holdout_seconds"] = state.holdout_seconds
         return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from evomerge import record
@@ -62,7 +63,8 @@ class RunState:
     errors: list[tuple[int, str]] = field(default_factory=list)  # (trial, error) failed in this session
     stopped: Optional[str] = None  # why the session stopped before its budget
     elapsed: float = 0.0
-    write_seconds: float = 0.0  # workers' time writing front members' folders
+    write_seconds: float = 0.0  # workers' time writing front members' folders (snapshots and waits, when in the background)
+    background_write_seconds: float = 0.0  # members written in workers' background threads
     members_written: int = 0
     holdout_jobs: int = 0  # front members re-scored on the held-out split in this session
     holdout_seconds: float = 0.0  # workers' time on them (merge and evaluation)
@@ -132,6 +134,7 @@ class Driver:
         self._held: dict[int, dict] = {}  # trial -> held-out scores (study user attributes)
         self._holdout_running: set[int] = set()
         self._holdout_failed: set[int] = set()  # not tried again in this session
+        self._writing: set[str] = set()  # member folders workers are writing in the background
 
     # ------------------------------------------------------------------ loop
     def run(self, *, trials: Optional[int] = None, timeout: Optional[float] = None) -> RunState:
@@ -162,7 +165,7 @@ class Driver:
                             free -= 1
                     if free > 0 and not (self.lease is not None and self.lease.lost):
                         self._submit_holdouts(free)  # slots the optimizer leaves idle, and the session's end
-                    if ex.in_flight() == 0:
+                    if ex.in_flight() == 0 and not self._flush(state):
                         break
                     for result in ex.poll():
                         if result.note and result.note.split(": ", 1)[-1] not in told:
@@ -231,17 +234,49 @@ class Driver:
             del self.writes.queued[folder]
             self.executor.submit(Job(trial, recipe, kind="write", member=self.members.request(trial, [], always=True)))
 
+    def _flush(self, state: RunState) -> bool:
+        """At the session's end: wait for the members workers write in the background; one
+        that failed, or whose worker died, is written again by a worker. Whether jobs are in
+        flight again."""
+        if not self._writing:
+            return False
+        self._writes_done(self.executor.flush(), state)
+        for folder in self._writing:  # no word of it: its worker died, or its word came with a dropped backup result
+            if not Path(folder).is_dir():
+                state.members_written -= 1
+                self._rewrite(folder)
+        self._writing.clear()
+        self._sync()
+        self._submit_writes()
+        return self.executor.in_flight() > 0
+
+    def _writes_done(self, done: Sequence[Any], state: RunState) -> None:
+        for d in done:  # evomerge._background.WriteDone
+            self._writing.discard(d.folder)
+            state.background_write_seconds += d.seconds
+            if d.error is not None:
+                state.members_written -= 1
+                state.errors.append((d.trial, f"writing its folder: {d.error}"))
+                self._rewrite(d.folder)
+
+    def _rewrite(self, folder: str) -> None:
+        if self.writes is not None:
+            self.writes.asked.discard(folder)  # the next sync queues it for a worker, if still on the front
+
     def _member_written(self, r: JobResult, state: RunState) -> None:
         """Count a member folder a worker wrote; write the files of one that runs elsewhere."""
         state.write_seconds += r.write_seconds
+        if r.write_pending:  # before the writes done: this result may carry its own
+            self._writing.add(r.written)
+            if self.writes is not None:
+                self.writes.asked.add(r.written)  # not missing: its worker is writing it
+        self._writes_done(r.writes_done, state)
         if r.write_error is not None:
             state.errors.append((r.trial, f"writing its folder: {r.write_error}"))
         if r.written is None:
             return
         state.members_written += 1
         if r.files is not None:
-            from pathlib import Path
-
             from evomerge.io import atomic_folder
 
             folder = Path(r.written)
