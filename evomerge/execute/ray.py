@@ -93,6 +93,7 @@ import ray.exceptions as rex
 
 from evomerge._background import WriteDone
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.merge.budget import return_freed_host_memory
 from evomerge.worker import Job, JobResult, Worker, WorkerSpec
 
 _logger = logging.getLogger(__name__)
@@ -159,30 +160,10 @@ class _RayWorker(Worker):
         """Worker.run, then the heap handed back; and the seconds it all took inside the actor."""
         t0 = time.perf_counter()
         result = self.run(job)
-        _trim_heap()
+        # a merge's and an evaluation's temporaries are freed, but glibc keeps the pages:
+        # without this a worker holds up to one more model's worth of memory it no longer uses
+        return_freed_host_memory(always=True)
         return result, time.perf_counter() - t0
-
-
-_LIBC: Any = None
-
-
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc ``malloc_trim``; a few ms).
-
-    A merge's and an evaluation's temporaries are freed but glibc keeps the pages: without
-    this a worker holds up to one more model's worth of memory it no longer uses.
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 def _preload(spec: WorkerSpec) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from evomerge.merge._kernels import delta_sum_into, pair_sums_kernel, scalars, weighted_sum_into
 from evomerge.merge._random import SEGMENT, stream_key
-from evomerge.merge._selection import BINS_PER_MODEL, EMPTY_BIN, PACKED_MODELS, LowBits, bin_bounds, flagged, in_bins_kernel
+from evomerge.merge._selection import BINS_PER_MODEL, EMPTY_BIN, LowBits, bin_bounds, flagged, in_bins_kernel
 from evomerge.merge.methods.base import TensorPlan
 
 if TYPE_CHECKING:
@@ -171,20 +171,18 @@ class TensorJob:
             # one kernel variant for every candidate: all the models, the same number of
             # bins each (empty ones padded), so a new candidate never recompiles it
             width = max(BINS_PER_MODEL, *(len(v) for v in bins.values()))
-            for g in range(0, len(models), PACKED_MODELS):
-                group = models[g : g + PACKED_MODELS]
-                bounds = [[bin_bounds(b) for b in bins[m]] + [EMPTY_BIN] * (width - len(bins[m])) for m in group]
-                lows = [[torch.tensor(lo, dtype=torch.float32) for lo, _ in bb] for bb in bounds]
-                highs = [[torch.tensor(hi, dtype=torch.float32) for _, hi in bb] for bb in bounds]
-                for a, b in self.chunks():
-                    base = self.read(self.base, a, b)
-                    chunk = [self.read(m, a, b) for m in group]
-                    where = flagged(self.run(in_bins_kernel, base, chunk, lows, highs))
-                    if where.numel():  # the few entries in some bin, made again exactly as the kernel saw them
-                        b0 = base[where].to(torch.float32)
-                        for m, x in zip(group, chunk):
-                            if m in low:
-                                low[m].add((x[where].to(torch.float32) - b0).abs(), *bins[m])
+            bounds = [[bin_bounds(b) for b in bins[m]] + [EMPTY_BIN] * (width - len(bins[m])) for m in models]
+            lows = [[torch.tensor(lo, dtype=torch.float32) for lo, _ in bb] for bb in bounds]
+            highs = [[torch.tensor(hi, dtype=torch.float32) for _, hi in bb] for bb in bounds]
+            for a, b in self.chunks():
+                base = self.read(self.base, a, b)
+                chunk = [self.read(m, a, b) for m in models]
+                where = flagged(self.run(in_bins_kernel, base, chunk, lows, highs))
+                if where.numel():  # the few entries in some model's bin, made again exactly as the kernel saw them
+                    b0 = base[where].to(torch.float32)
+                    for m, x in zip(models, chunk):
+                        if m in low:
+                            low[m].add((x[where].to(torch.float32) - b0).abs(), *bins[m])
             for m, asks in todo.items():
                 for r, b, rank_in_bin in asks:
                     value = low[m].value(b, rank_in_bin)

@@ -14,7 +14,8 @@ compiler, an unsupported platform) the eager path is used with a one-time warnin
 Each static configuration (sparsification kind, consensus, normalize, number of
 sources) is one compiled variant of the same function. Dynamo gives up after 8
 variants of one function by default and then runs it eagerly, which is 10-100x slower
-here, so the calls raise that limit to :data:`RECOMPILE_LIMIT` (only while they run).
+here, so the first compiled call raises that limit to :data:`RECOMPILE_LIMIT` for the
+process.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ class Kernels:
             _use_shared_cache()
             compiled = _compiled(fn, _BACKEND)
             try:
-                with _recompile_limit(RECOMPILE_LIMIT):
-                    return compiled(*args)
+                _raise_recompile_limit(RECOMPILE_LIMIT)
+                return compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back
                 self._failed = True
                 warnings.warn(f"evomerge: torch.compile unavailable ({type(exc).__name__}); merging eagerly", stacklevel=2)
@@ -124,10 +125,12 @@ def _use_shared_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "evomerge" / "inductor")
 
 
-def _recompile_limit(n: int) -> Any:
-    """Dynamo's per-function variant limit raised to at least ``n`` (named
-    ``cache_size_limit`` before torch 2.6)."""
+@lru_cache(maxsize=None)
+def _raise_recompile_limit(n: int) -> None:
+    """Dynamo's per-function variant limit raised to at least ``n`` for the process (named
+    ``cache_size_limit`` before torch 2.6); once: a patch around every call cost about
+    0.1 ms, as much as a small tensor's kernel."""
     import torch._dynamo.config as dynamo
 
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    return dynamo.patch(**{name: max(n, getattr(dynamo, name))})
+    setattr(dynamo, name, max(n, getattr(dynamo, name)))

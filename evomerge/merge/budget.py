@@ -19,9 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from evomerge.errors import ConfigError
 from evomerge.units import format_bytes, parse_bytes
@@ -31,28 +32,45 @@ MIN_CHUNK_NUMEL = 1 << 16
 DEVICE_SHARE = 0.75
 
 
-def return_freed_host_memory() -> None:
+TRIM_FREE_BYTES = 32 << 20  # free heap worth a malloc_trim (a trim costs a few ms)
+
+
+def return_freed_host_memory(*, always: bool = False) -> None:
     """Give the chunk temporaries the C allocator keeps back to the system.
 
     glibc serves allocations below its (self-raising, up to 32 MiB) mmap threshold from
     its heap and keeps freed heap memory: chunk-sized temporaries of varying sizes then
     pile up with every tensor (``bench scale`` measured DELLA's retained heap growing by
     about 3 bytes per parameter). Trimming after each large tensor keeps the engine's
-    host memory at its workspace. A no-op where the C library has no ``malloc_trim``.
+    host memory at its workspace. The trim (a few ms) runs only when the heap holds at
+    least :data:`TRIM_FREE_BYTES` free (or ``always``, after a worker's job). A no-op
+    where the C library has no ``malloc_trim``.
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is None:
+        return
+    if not always and hasattr(libc, "mallinfo2") and libc.mallinfo2().fordblks < TRIM_FREE_BYTES:
+        return
+    libc.malloc_trim(0)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 @lru_cache(maxsize=1)
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+def _glibc() -> Optional[ctypes.CDLL]:
     try:
-        import ctypes
-
-        return ctypes.CDLL(None).malloc_trim
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):
         return None
+    try:
+        libc.mallinfo2.restype = _MallInfo2  # glibc >= 2.33
+    except AttributeError:
+        pass
+    return libc
 
 
 def workspace_chunks(n_models: int) -> int:
