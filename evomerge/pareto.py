@@ -73,10 +73,14 @@ def hypervolume(points: Sequence[Sequence[float]], objectives: Sequence[Objectiv
 
 def best_mean(front: Sequence[Any], objectives: Sequence[Objective]) -> Any:
     """The front member with the highest mean of its sign-adjusted objective values (None if empty)."""
-    if not front:
-        return None
+    ranked = ranked_by_mean(front, objectives)
+    return ranked[0] if ranked else None
+
+
+def ranked_by_mean(trials: Sequence[Any], objectives: Sequence[Objective]) -> list[Any]:
+    """Trials by the mean of their sign-adjusted objective values, best first (ties: earliest first)."""
     signs = np.array([1.0 if o.direction == "maximize" else -1.0 for o in objectives])
-    return max(front, key=lambda t: float(np.mean(np.array(record.objective_values(t, objectives)) * signs)))
+    return sorted(trials, key=lambda t: -float(np.mean(np.array(record.objective_values(t, objectives)) * signs)))
 
 
 class ParetoArchive:

@@ -70,7 +70,7 @@ def _members(run_dir: Path) -> list[dict]:
 
 
 def test_the_final_front_is_rescored_once_after_the_candidates(family, tmp_path, jobs):
-    run = create(write_config(family, tmp_path / "s.yaml"), runs_dir=tmp_path / "runs")
+    run = create(write_config(family, tmp_path / "s.yaml", budget={"trials": 14, "holdout_share": 1}), runs_dir=tmp_path / "runs")
     summary = run.run(progress=False)
     members = _members(run.run_dir)
     held = [(n, k) for n, k in jobs if k == "holdout"]
@@ -87,7 +87,7 @@ def test_cma_uses_the_slots_its_generation_leaves_idle(family, tmp_path, jobs):
     """popsize 3 on 2 slots: each generation's last candidate runs alone; members are
     re-scored beside it, not in a stage of their own."""
     cfg = write_config(family, tmp_path / "s.yaml", optimizer={"name": "cma", "options": {"popsize": 3}},
-                       scalarization={"kind": "weighted_sum", "weights": [0.5, 0.5]}, budget={"trials": 12},
+                       scalarization={"kind": "weighted_sum", "weights": [0.5, 0.5]}, budget={"trials": 12, "holdout_share": 1},
                        executor={"kind": "serial", "workers": 2})
     run = create(cfg, runs_dir=tmp_path / "runs")
     run.run(progress=False)
@@ -97,6 +97,33 @@ def test_cma_uses_the_slots_its_generation_leaves_idle(family, tmp_path, jobs):
     held = [n for n, k in jobs if k == "holdout"]
     assert len(held) == len(set(held)) and kinds.count("full") == 12  # each member at most once; the whole budget
     assert all(m["holdout_values"] for m in _members(run.run_dir))
+
+
+def test_rescoring_at_the_end_keeps_to_its_share_best_members_first_and_resume_does_the_rest(family, tmp_path, jobs, capsys):
+    """budget.holdout_share (0.2 by default): once no candidate is in flight, members are
+    re-scored, best validation mean first, while held-out work stays within a fifth of the
+    session's worker time; the rest is named and left for `resume`."""
+    from evomerge.objective import Objective
+    from evomerge.pareto import ranked_by_mean
+
+    cfg = write_config(family, tmp_path / "s.yaml", optimizer={"name": "random"}, budget={"trials": 16}, seed=11)
+    assert main(["search", str(cfg), "--runs-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "s"
+    members = _members(run_dir)
+    held = [n for n, k in jobs if k == "holdout"]
+    assert len(members) >= 4 and 1 <= len(held) <= 16 // 4  # a fifth of the time: a quarter of the candidates' at most
+    objectives = [Objective("closeness/ft0", "maximize"), Objective("closeness/ft1", "maximize")]
+    study = Run.open(run_dir).study()
+    front = ranked_by_mean([study.trials[m["trial"]] for m in members], objectives)
+    assert held == [t.number for t in front[: len(held)]]  # the best members first
+    left = len(members) - len(held)
+    assert f"{left} front members not re-scored on the held-out split yet" in out and f"evomerge resume {run_dir}" in out
+    jobs.clear()
+    assert main(["resume", str(run_dir), "--json"]) == 0  # a session with no candidate re-scores the rest
+    resumed = json.loads(capsys.readouterr().out)
+    assert sorted(n for n, _ in jobs) == sorted(t.number for t in front[len(held):]) and resumed["holdout_pending"] == []
+    assert resumed["holdout_deferred"] == 0 and all(m["holdout_values"] for m in _members(run_dir))
 
 
 def test_status_names_members_not_rescored_and_resume_after_kill_finishes_them(family, tmp_path, capsys, jobs, monkeypatch):
@@ -119,7 +146,7 @@ def test_status_names_members_not_rescored_and_resume_after_kill_finishes_them(f
     assert main(["status", str(run_dir), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     front = [m["trial"] for m in status["pareto"]]
-    assert status["n_complete"] == 8 and status["holdout_pending"] == front and front
+    assert status["n_complete"] == 8 and sorted(status["holdout_pending"]) == sorted(front) and front
     assert main(["status", str(run_dir)]) == 0
     text = capsys.readouterr().out
     assert f"{len(front)} not re-scored on the held-out split yet" in text and text.count("held-out: not re-scored yet") == len(front)

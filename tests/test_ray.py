@@ -289,8 +289,9 @@ def test_bench_search_table_and_json_shape():
 
     result = {
         "trials": 24, "optimizer": "random", "cpu_count": 2, "cpus_per_worker": 1.0, "merged_model_bytes": 900_000,
-        "rows": [row("serial", 1, 60.0, 0.01), row("ray x1", 1, 70.0, 0.02), row("ray x2", 2, 130.0, 0.3)],
-        "speedup_2_over_1": 130 / 70, "load_average": [1.0, 1.0, 1.0], "load_average_start": [0.5, 0.5, 0.5],
+        "rows": [row("serial", 1, 60.0, 0.01), row("ray x1", 1, 70.0, 0.02), row("ray x2", 2, 130.0, 0.3),
+                 dict(row("ray x2 +held-out", 2, 110.5, 0.01), holdout_jobs=5, holdout_seconds=12.5, holdout_deferred=7, front=12)],
+        "speedup_2_over_1": 130 / 70, "holdout_ratio": 110.5 / 130, "load_average": [1.0, 1.0, 1.0], "load_average_start": [0.5, 0.5, 0.5],
         "memory": {"params": 1e8, "merged_model_bytes": 375 * 2**20, "source_bytes": 1125 * 2**20, "workers": [1, 2],
                    "anon_total_bytes": {"1": 750 * 2**20, "2": 1500 * 2**20}, "extra_worker_bytes": 750 * 2**20,
                    "extra_worker_over_merged_model": 2.0, "extra_worker_model_bytes": 393 * 2**20,
@@ -300,6 +301,7 @@ def test_bench_search_table_and_json_shape():
     assert [line.split()[0] for line in table.splitlines()[2:5]] == ["serial", "ray", "ray"]
     assert "ray x2 / ray x1: 1.86x" in table and "1.05x the merged model" in table
     assert "warning: other processes used more than 10%" in table
+    assert "held-out scoring on: 0.85x the candidates per minute without it (target >= 0.8); 5 of a front of 12 re-scored (12.5 worker s), 7 left for resume" in table
     assert json.loads(json.dumps(result)) == result
 
 

@@ -227,7 +227,7 @@ def test_front_members_are_rescored_on_the_holdout_split(family, tmp_path, monke
         return ev
 
     monkeypatch.setattr(evomerge.evaluate, "build_evaluator", build, raising=False)
-    cfg = config(family, tmp_path, evaluators=[{"preset": "distance", "holdout_split": "test"}], budget={"trials": 8})
+    cfg = config(family, tmp_path, evaluators=[{"preset": "distance", "holdout_split": "test"}], budget={"trials": 8, "holdout_share": 1})
     run = create(cfg, runs_dir=tmp_path / "runs")
     run.run(progress=False)
     assert "test" in splits

@@ -444,7 +444,7 @@ def align_search_config(models: Sequence[str], skills: Sequence[str], *, align: 
         "objectives": [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills],
         "scalarization": {"kind": "weighted_sum", "weights": [1.0 / len(skills)] * len(skills)},
         "optimizer": {"name": "cma", "options": {"popsize": 8}},
-        "budget": {"trials": trials},
+        "budget": {"trials": trials, "holdout_share": 1.0},  # the held-out table reads every member chosen on validation
         "seed": seed,
         "executor": {"kind": "serial", "workers": 1},
         "keep_pareto_models": False,

@@ -56,7 +56,7 @@ def _config(zoo: Any, models: Sequence[str], skills: Sequence[str], space: Any, 
         "evaluators": evaluators,
         "objectives": objectives,
         "optimizer": {"name": optimizer, "options": dict(OPTIMIZER_OPTIONS.get(optimizer, {}))},
-        "budget": {"trials": trials},
+        "budget": {"trials": trials, "holdout_share": 1.0},  # the held-out table reads every member chosen on validation
         "seed": seed,
         "keep_pareto_models": True,
         "seed_recipes": [str(p) for p in seeds],

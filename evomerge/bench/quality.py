@@ -67,7 +67,7 @@ def search_config(
         "evaluators": [{"preset": f"zoo_{s}", "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills],
         "objectives": [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills],
         "optimizer": {"name": optimizer, "options": dict(OPTIMIZER_OPTIONS.get(optimizer, {}))},
-        "budget": {"trials": trials},
+        "budget": {"trials": trials, "holdout_share": 1.0},  # the held-out table reads every member chosen on validation
         "seed": seed,
         "executor": {"kind": executor, "workers": workers},
         "keep_pareto_models": keep_pareto_models,

@@ -136,6 +136,7 @@ def bench_search(
     memory_trials: int = 4,
     members_params: float = 0,
     members_trials: int = 10,
+    holdout: bool = True,
     workdir: Optional[Path] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -173,6 +174,9 @@ def bench_search(
             rows = [_measure(cfg, workdir, "serial", 1, cpus_per_worker, progress)]
             for k in ray_workers:
                 rows.append(_measure(cfg, workdir, "ray", k, cpus_per_worker, progress))
+            if holdout:  # the widest pool again, front members re-scored on the test split
+                held = _zoo_config(z, workdir, trials=trials, optimizer=optimizer, limit=limit, holdout=True)
+                rows.append(_measure(held, workdir, "ray", max(ray_workers), cpus_per_worker, progress, holdout=True))
             memory = None
             if memory_params and len(ray_workers) >= 2:
                 memory = _memory_probe(workdir, int(memory_params), memory_trials, sorted(ray_workers)[:2], cpus_per_worker, progress)
@@ -201,14 +205,18 @@ def bench_search(
     one, two = by.get("ray x1"), by.get("ray x2")
     if one and two:
         result["speedup_2_over_1"] = two["candidates_per_minute"] / one["candidates_per_minute"]
+    with_held = next((r for r in rows if r.get("holdout_jobs") is not None), None)
+    if with_held:
+        plain = by[f"ray x{with_held['workers']}"]
+        result["holdout_ratio"] = with_held["candidates_per_minute"] / plain["candidates_per_minute"] if plain["candidates_per_minute"] else 0.0
     return result
 
 
 # ----------------------------------------------------------------------------- configs
-def _zoo_config(z: Any, workdir: Path, *, trials: int, optimizer: str, limit: Optional[int]) -> Path:
+def _zoo_config(z: Any, workdir: Path, *, trials: int, optimizer: str, limit: Optional[int], holdout: bool = False) -> Path:
     from evomerge.evaluate import build_evaluator
 
-    evaluators = [{"preset": f"zoo_{s}", "name": s, "limit": limit} for s in SKILLS]
+    evaluators = [{"preset": f"zoo_{s}", "name": s, "limit": limit, "split": "validation", "holdout_split": "test" if holdout else None} for s in SKILLS]
     objectives = []
     for s in SKILLS:
         for metric, direction in build_evaluator(f"zoo_{s}").metrics.items():
@@ -221,12 +229,11 @@ def _zoo_config(z: Any, workdir: Path, *, trials: int, optimizer: str, limit: Op
         "optimizer": {"name": optimizer},
         "budget": {"trials": trials},
         "seed": 0,
-        # Writing Pareto members' model folders is the driver's work (a merge and a write per
-        # new member, nearly every trial with four objectives): on two cores it would take
-        # CPU from the workers whose scaling this measures.
+        # Writing Pareto members' folders (nearly every trial with four objectives) takes CPU
+        # from the workers whose scaling this measures; the members probe times it.
         "keep_pareto_models": False,
     }
-    path = workdir / "zoo_search.yaml"
+    path = workdir / ("zoo_search_holdout.yaml" if holdout else "zoo_search.yaml")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -272,14 +279,15 @@ def probe(model: Any, tokenizer: Any) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- runs
-def _measure(cfg: Path, workdir: Path, kind: str, k: int, cpus: float, progress: bool, name: Optional[str] = None) -> dict[str, Any]:
+def _measure(cfg: Path, workdir: Path, kind: str, k: int, cpus: float, progress: bool, name: Optional[str] = None,
+             holdout: bool = False) -> dict[str, Any]:
     from evomerge.execute.serial import SerialExecutor
     from evomerge.run.api import create
 
-    label = "serial" if kind == "serial" else f"ray x{k}"
+    label = ("serial" if kind == "serial" else f"ray x{k}") + (" +held-out" if holdout else "")
     if progress:
         print(f"bench search: {label} ...", flush=True)
-    run = create(cfg, runs_dir=workdir / "runs" / _STAMP, name=name or label.replace(" ", ""))
+    run = create(cfg, runs_dir=workdir / "runs" / _STAMP, name=name or label.replace(" ", "").replace("+", "_"))
     threads = max(1, int(cpus))
     spec = run.worker_spec(threads=threads)
     t0 = time.perf_counter()
@@ -335,6 +343,11 @@ def _measure(cfg: Path, workdir: Path, kind: str, k: int, cpus: float, progress:
         "other_cpu_fraction": other,
         "merged_model_bytes": _model_bytes(run),
         "memory": memory,
+        # with held-out scoring: front members re-scored in this session, their worker seconds, those left for resume
+        "holdout_jobs": summary["holdout_jobs"] if holdout else None,
+        "holdout_seconds": summary["holdout_seconds"] if holdout else None,
+        "holdout_deferred": summary["holdout_deferred"] if holdout else None,
+        "front": len(summary["pareto"]),
     }
 
 
@@ -480,7 +493,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"bench search: {result['trials']} trials of {result['optimizer']} on the zoo ({', '.join(SKILLS)}), "
         f"{result['cpu_count']} CPUs, {result['cpus_per_worker']:g} CPU per worker; merged model {result['merged_model_bytes'] * mb:.2f} MiB",
-        f"{'executor':<9} {'workers':>7} {'start s':>8} {'cand/min':>9} {'outside':>8} {'(idle)':>7} {'merge+eval s':>13} "
+        f"{'executor':<16} {'workers':>7} {'start s':>8} {'cand/min':>9} {'outside':>8} {'(idle)':>7} {'merge+eval s':>13} "
         f"{'anon/worker MiB':>16} {'PSS/worker MiB':>15} {'other CPU':>10}",
     ]
     for r in result["rows"]:
@@ -489,13 +502,20 @@ def format_table(result: dict[str, Any]) -> str:
         idle = "-" if r["idle_fraction"] is None else f"{100 * r['idle_fraction']:.1f}%"
         other = "-" if r.get("other_cpu_fraction") is None else f"{100 * r['other_cpu_fraction']:.0f}%"
         lines.append(
-            f"{r['executor']:<9} {r['workers']:>7} {r['start_seconds']:>8.1f} {r['candidates_per_minute']:>9.1f} "
+            f"{r['executor']:<16} {r['workers']:>7} {r['start_seconds']:>8.1f} {r['candidates_per_minute']:>9.1f} "
             f"{100 * r['outside_fraction']:>7.1f}% {idle:>7} "
             f"{r['busy_seconds']:>13.1f} {'/'.join(f'{p:.0f}' for p in anon):>16} "
             f"{'/'.join(f'{p:.0f}' for p in pss):>15} {other:>10}"
         )
     if "speedup_2_over_1" in result:
         lines.append(f"throughput ray x2 / ray x1: {result['speedup_2_over_1']:.2f}x")
+    held = next((r for r in result["rows"] if r.get("holdout_jobs") is not None), None)
+    if held and "holdout_ratio" in result:
+        lines.append(
+            f"held-out scoring on: {result['holdout_ratio']:.2f}x the candidates per minute without it (target >= 0.8); "
+            f"{held['holdout_jobs']} of a front of {held['front']} re-scored ({held['holdout_seconds']:.1f} worker s), "
+            f"{held['holdout_deferred']} left for resume"
+        )
     if any((r.get("other_cpu_fraction") or 0) > 0.1 for r in result["rows"]):
         lines.append("warning: other processes used more than 10% of the CPUs during a timed search; its figures are skewed")
     m = result.get("memory")

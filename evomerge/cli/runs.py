@@ -76,6 +76,9 @@ def _search_and_report(run, args: argparse.Namespace, **budget) -> int:
             if m.get("holdout_values"):
                 held = "  held-out: " + "  ".join(f"{n}={v:.4g}" for n, v in zip(names, m["holdout_values"]) if v is not None)
             print(f"  trial {m['trial']:4d}  {vals}{held}")
+        if summary.get("holdout_deferred"):
+            print(f"{summary['holdout_deferred']} front members not re-scored on the held-out split yet (budget.holdout_share "
+                  f"of the session's worker time was spent); evomerge resume {run.run_dir} re-scores them")
         more = summary["n_complete"] + summary["n_pruned"] + 50  # --trials is a total
         print(f"next: evomerge status {run.run_dir} | evomerge dashboard {run.run_dir} | "
               f"evomerge export {run.run_dir} --trial N --out DIR | evomerge resume {run.run_dir} --trials {more}")

@@ -144,6 +144,7 @@ class Search:
         out["background_write_seconds"] = state.background_write_seconds
         out["holdout_jobs"] = state.holdout_jobs
         out["holdout_seconds"] = state.holdout_seconds
+        out["holdout_deferred"] = state.holdout_deferred
         return out
 
     def save_plots(self, study: Any, front: list) -> list[Path]:

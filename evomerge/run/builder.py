@@ -122,7 +122,7 @@ def build(
     from evomerge.merge.chain import load_recipe
 
     seed_points = [space.params_from_recipe(load_recipe(Path(r))) for r in cfg.seed_recipes]
-    stages = Stages.from_config(cfg.fidelity, holdout=any(e.holdout_split for e in specs))
+    stages = Stages.from_config(cfg.fidelity, holdout=any(e.holdout_split for e in specs), holdout_share=cfg.budget.holdout_share)
     return Parts(cfg, Path(run_dir), sources, space, specs, objectives, optimizer, stages, seed_points, lora_live=_lora_live(cfg, sources, space))
 
 

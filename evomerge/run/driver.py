@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from evomerge import record
-from evomerge.pareto import hypervolume
+from evomerge.pareto import hypervolume, ranked_by_mean
 from evomerge.progress import task
 from evomerge.run.stages import Stages
 from evomerge.worker import Job, JobResult, MemberRequest
@@ -68,6 +68,7 @@ class RunState:
     members_written: int = 0
     holdout_jobs: int = 0  # front members re-scored on the held-out split in this session
     holdout_seconds: float = 0.0  # workers' time on them (merge and evaluation)
+    holdout_deferred: int = 0  # front members left for `resume` (the session's held-out share was spent)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class Driver:
                             self._dispatch(trial)
                             free -= 1
                     if free > 0 and not (self.lease is not None and self.lease.lost):
-                        self._submit_holdouts(free)  # slots the optimizer leaves idle, and the session's end
+                        self._submit_holdouts(free, state)  # slots the optimizer leaves idle, and the session's end
                     if ex.in_flight() == 0 and not self._flush(state):
                         break
                     for result in ex.poll():
@@ -181,6 +182,7 @@ class Driver:
             self._interrupt()
             raise
         state.elapsed = time.monotonic() - start
+        state.holdout_deferred = len(self.holdout_todo())
         return state
 
     def _dispatch(self, trial: Any) -> None:
@@ -191,14 +193,23 @@ class Driver:
         self.executor.submit(self._job(trial.number, recipe, kind, limit))
 
     def holdout_todo(self) -> list[Any]:
-        """Front members without held-out scores, none in flight, oldest first."""
+        """Front members without held-out scores, none in flight, best validation mean first
+        (the member a user takes is re-scored first)."""
         if not self.stages.holdout:
             return []
         skip = self._held.keys() | self._holdout_running | self._holdout_failed
-        return [t for t in self._front_trials if t.number not in skip]
+        return ranked_by_mean([t for t in self._front_trials if t.number not in skip], self.objectives)
 
-    def _submit_holdouts(self, free: int) -> None:
+    def _submit_holdouts(self, free: int, state: RunState) -> None:
+        """Beside candidates in flight, a slot that would idle takes a member; once none is
+        in flight, members are re-scored within the session's held-out share of worker time."""
         for t in self.holdout_todo()[:free]:
+            if not self._pending:
+                done = state.holdout_jobs
+                next_cost = state.holdout_seconds / done if done else (state.merge_seconds + state.eval_seconds) / max(1, state.complete + state.failed)
+                spent = state.holdout_seconds + next_cost * len(self._holdout_running)
+                if not self.stages.holdout_fits(spent=spent, next_cost=next_cost, search=state.merge_seconds + state.eval_seconds):
+                    return
             self._holdout_running.add(t.number)
             self.executor.submit(Job(t.number, record.get(t, "recipe"), kind="holdout"))
 
