@@ -1,6 +1,8 @@
 """The fused kernels stay compiled however many merge methods one process uses, and the
 counter-based draws behind DARE and DELLA masks are uniform, repeatable and chunk-free."""
 
+import os
+
 import torch
 
 from evomerge.merge import _kernels as K
@@ -86,3 +88,21 @@ def test_draws_are_uniform_independent_and_the_same_however_a_tensor_is_cut():
     for b in others:  # another seed, model position or tensor: unrelated draws
         assert abs(float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])) < 0.01
     assert abs(float(torch.corrcoef(torch.stack([a[:-1].double(), a[1:].double()]))[0, 1])) < 0.01
+
+
+def test_compiled_kernels_go_to_the_shared_cache_even_after_transformers_set_its_default(monkeypatch):
+    """Importing a transformers model makes inductor write its temp-folder default into
+    TORCHINDUCTOR_CACHE_DIR; the engine's shared cache still wins, a user's own folder too."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from evomerge.merge import _kernels
+
+    for preset, expected in ((default_cache_dir(), str(_kernels.SHARED_CACHE)), (None, str(_kernels.SHARED_CACHE)), ("/data/my-cache", "/data/my-cache")):
+        if preset is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", preset)
+        _kernels._use_shared_cache.cache_clear()
+        _kernels._use_shared_cache()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == expected
+    _kernels._use_shared_cache.cache_clear()

@@ -162,7 +162,7 @@ class _RayWorker(Worker):
         result = self.run(job)
         # a merge's and an evaluation's temporaries are freed, but glibc keeps the pages:
         # without this a worker holds up to one more model's worth of memory it no longer uses
-        return_freed_host_memory(always=True)
+        return_freed_host_memory()
         return result, time.perf_counter() - t0
 
 

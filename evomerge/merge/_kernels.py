@@ -119,10 +119,27 @@ def _compiled(fn: Callable[..., Any], backend: Any) -> Callable[..., Any]:
 
 @lru_cache(maxsize=1)
 def _use_shared_cache() -> None:
-    """Inductor's on-disk cache in one place per user, shared by workers and runs
-    (unless the user chose a folder)."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "evomerge" / "inductor")
+    """Inductor's on-disk cache in one place per user (:data:`SHARED_CACHE`), shared by
+    workers and runs, unless the user chose a folder.
+
+    Inductor writes its own default (a temp folder) into ``TORCHINDUCTOR_CACHE_DIR`` the
+    first time anything asks for its cache, which importing transformers' models does,
+    before any merge: that value is no user's choice.
+    """
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == _inductor_default():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(SHARED_CACHE)
+
+
+SHARED_CACHE = Path.home() / ".cache" / "evomerge" / "inductor"
+
+
+def _inductor_default() -> Optional[str]:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: only an unset variable is ours to set
+        return None
+    return os.path.abspath(default_cache_dir())
 
 
 @lru_cache(maxsize=None)

@@ -93,7 +93,6 @@ class MergeEngine:
         )
         self.chunk_numel = chunk_numel or self.placement.chunk_numel
         self._resident: dict[tuple[str, str], torch.Tensor] = {}
-        self._mapped: dict[tuple[str, str], torch.Tensor] = {}
         self._stats: dict[tuple, Any] = {}
         self._recent: OrderedDict[tuple, float] = OrderedDict()
 
@@ -173,14 +172,10 @@ class MergeEngine:
         src = self.source(ref)
         if isinstance(src, AdapterSource):
             return src.add_update(name, self.full(src.base.ref, name).reshape(-1), 0, math.prod(self.shape(name))).reshape(self.shape(name))
-        t = self._mapped.get(key)
-        if t is None:
-            t = src.tensor(self._source_name(ref, name))
-            if ref in self.placement.resident:
-                t = t.to(self.device)
-                self._resident[key] = t
-            else:  # a view of the file's mapping: kept, it costs no memory and saves a lookup per chunk
-                self._mapped[key] = t
+        t = src.tensor(self._source_name(ref, name))
+        if ref in self.placement.resident:
+            t = t.to(self.device)
+            self._resident[key] = t
         return t
 
     def read(self, ref: str, name: str, a: int, b: int) -> torch.Tensor:
@@ -234,7 +229,6 @@ class MergeEngine:
         self._stats.clear()
         self._recent.clear()
         self._resident.clear()
-        self._mapped.clear()
 
     # ------------------------------------------------------------------ merging
     def _merge_tensor(self, recipe: Recipe, method: MergeMethod, plan: TensorPlan, out: torch.Tensor) -> None:
