@@ -68,12 +68,15 @@ def bin_bounds(b: int) -> tuple[float, float]:
 
 @dataclass
 class MagnitudeHistogram:
-    """How many magnitudes fall in each high bin, kept as counts from the top down."""
+    """How many magnitudes fall in each high bin, for the non-empty bins only, counted from
+    the top down. (A task vector's bins span most of the float range, from its exact zeros
+    up, but only about one in ten holds anything: kept whole, the histograms of a 300M
+    model's tensors grew the engine's memory by 0.8 bytes per parameter.)"""
 
-    first: int  # lowest non-empty bin
-    above: torch.Tensor  # int64: above[j] = entries in bins >= first + j
+    bins: np.ndarray  # int32, ascending: the non-empty high bins
+    above: np.ndarray  # int64: above[j] = entries in bins >= bins[j]
     n: int
-    floor: torch.Tensor  # int64: floor[j] = entries of bin first + j whose low 16 bits are 0
+    floor: np.ndarray  # int64: floor[j] = entries of bin bins[j] whose low 16 bits are 0
 
     @classmethod
     def of(cls, chunks: Iterable[torch.Tensor]) -> "MagnitudeHistogram":
@@ -85,19 +88,19 @@ class MagnitudeHistogram:
     @classmethod
     def from_counts(cls, counts: torch.Tensor) -> "MagnitudeHistogram":
         """From the counts of :func:`count_bins` (per bin: floor entries, then the others)."""
-        pairs = counts.view(HIGH_BINS, 2)
+        pairs = counts.view(HIGH_BINS, 2).numpy()
         per_bin = pairs.sum(1)
-        n = int(per_bin.sum())
-        nonzero = torch.nonzero(per_bin).flatten()
-        if n == 0:
-            return cls(0, torch.zeros(1, dtype=torch.int64), 0, torch.zeros(1, dtype=torch.int64))
-        first, last = int(nonzero[0]), int(nonzero[-1])
-        return cls(first, counts_above(per_bin[first : last + 1]), n, pairs[first : last + 1, 0].clone())
+        bins = np.flatnonzero(per_bin)
+        kept = per_bin[bins]
+        above = np.cumsum(kept[::-1])[::-1].copy()
+        return cls(bins.astype(np.int32), above, int(kept.sum()), pairs[bins, 0].copy())
+
+    def _index(self, b: int) -> int:
+        """Position of the first non-empty bin >= ``b``."""
+        return int(np.searchsorted(self.bins, b, side="left"))
 
     def count_at_or_above(self, b: int) -> int:
-        j = b - self.first
-        if j <= 0:
-            return self.n
+        j = self._index(b)
         return int(self.above[j]) if j < len(self.above) else 0
 
     def locate(self, rank: int) -> tuple[int, int]:
@@ -105,13 +108,13 @@ class MagnitudeHistogram:
         if not 1 <= rank <= self.n:
             raise ValueError(f"rank {rank} outside 1..{self.n}")
         # the highest bin whose count from the top reaches the rank
-        b = self.first + last_reaching(self.above, rank)
+        b = int(self.bins[last_reaching(self.above, rank)])
         return b, rank - self.count_at_or_above(b + 1)
 
     def floor_value(self, b: int, rank_in_bin: int) -> Optional[float]:
         """The value when the rank falls on bin ``b``'s floor entries (low bits zero, the
         bin's smallest: they rank last in it); None when a pass must find it."""
-        j = b - self.first
+        j = self._index(b)
         above_floor = self.count_at_or_above(b) - self.count_at_or_above(b + 1) - int(self.floor[j])
         if rank_in_bin <= above_floor:
             return None
@@ -151,9 +154,10 @@ def counts_above(counts: torch.Tensor) -> torch.Tensor:
     return total[-1] - total + counts
 
 
-def last_reaching(above: torch.Tensor, rank: int) -> int:
+def last_reaching(above: "torch.Tensor | np.ndarray", rank: int) -> int:
     """The last index whose count from the top is at least ``rank`` (``above`` non-increasing)."""
-    return int(np.searchsorted(-above.numpy(), -rank, side="right")) - 1
+    values = above.numpy() if isinstance(above, torch.Tensor) else above
+    return int(np.searchsorted(-values, -rank, side="right")) - 1
 
 
 BINS_PER_MODEL = 2  # bins per model in one pass (Breadcrumbs' two edges; fewer are padded)
