@@ -184,10 +184,16 @@ def in_bins_kernel(base: torch.Tensor, models: list[torch.Tensor], lows: list[li
 
 def flagged(flags: torch.Tensor) -> torch.Tensor:
     """Positions of the non-zero entries of a chunk's int8 flags (int64), few of many:
-    the 8-byte words holding any are found first, then the entries inside them (about
-    3x faster than ``torch.nonzero`` over the whole chunk on a CPU)."""
+    the 8-byte words holding any are found first, then the entries inside them. On a CPU
+    numpy does it (about 6x faster than ``torch.nonzero`` and indexing on one chunk, which
+    run several threads for a few thousand hits)."""
     if flags.numel() % FLAG_WORD or flags.storage_offset() % FLAG_WORD:
         return torch.nonzero(flags).flatten()
+    if flags.device.type == "cpu":
+        f = flags.numpy()
+        words = np.flatnonzero(f.view(np.int64))
+        rows, cols = np.nonzero(f.reshape(-1, FLAG_WORD)[words])
+        return torch.from_numpy(words[rows] * FLAG_WORD + cols)
     words = torch.nonzero(flags.view(torch.int64)).flatten()
     inside = torch.nonzero(flags.view(-1, FLAG_WORD)[words])
     return words[inside[:, 0]] * FLAG_WORD + inside[:, 1]
@@ -207,11 +213,11 @@ class LowBits:
 
     def add(self, magnitudes: torch.Tensor, *bins: int) -> None:
         """Keep the entries of ``magnitudes`` (float32, >= 0, few: those in or near the bins) in ``bins``."""
-        bits = magnitude_bits(magnitudes.flatten())
+        bits = magnitude_bits(magnitudes.flatten()).cpu().numpy()  # few entries: numpy, no thread start-up
         high = bits >> 16
         low = bits & 0xFFFF
         for b in bins:
-            inside = low[(high == b) & (low != 0)].cpu()
+            inside = torch.from_numpy(low[(high == b) & (low != 0)])
             if inside.numel():
                 self.values.setdefault(b, []).append(inside)
                 self.held[b] = self.held.get(b, 0) + inside.numel()

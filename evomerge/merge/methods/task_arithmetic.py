@@ -153,6 +153,7 @@ def check_della(density: float, epsilon: float) -> None:
         raise ConfigError(f"della: epsilon {epsilon:g} with density {density:g} must keep density +/- epsilon inside (0, 1)")
 
 
+LEVEL_BLOCK = 1 << 20  # entries per step of DARE's per-level sums (eager, about 40 bytes each)
 RANK_BLOCK_NUMEL = 1 << 20  # rows sorted at once: the sort's int64 temporaries stay a few MiB
 
 
@@ -390,13 +391,15 @@ class TaskArithmetic(MergeMethod):
 
     def _level_sums(self, job: Any, models: list[str]) -> list[torch.Tensor]:
         sums = [torch.zeros(CUT_LEVELS, dtype=torch.float64, device=job.engine.device) for _ in models]
-        for a, b in job.chunks():
-            base = job.read(job.base, a, b).to(torch.float32)
-            aux = [list(job.draw_position(i, a)) for i in range(len(models))]
-            draws = chunk_draws("random", b - a, aux, base.device)
-            for i, m in enumerate(models):
-                magnitudes = (job.read(m, a, b).to(torch.float32) - base).abs().to(torch.float64)
-                sums[i].index_add_(0, level_of(draws[i]), magnitudes)
+        for start, end in job.chunks():
+            for a in range(start, end, LEVEL_BLOCK):  # eager: temporaries of a block, not a chunk
+                b = min(a + LEVEL_BLOCK, end)
+                base = job.read(job.base, a, b).to(torch.float32)
+                aux = [list(job.draw_position(i, a)) for i in range(len(models))]
+                draws = chunk_draws("random", b - a, aux, base.device)
+                for i, m in enumerate(models):
+                    magnitudes = (job.read(m, a, b).to(torch.float32) - base).abs().to(torch.float64)
+                    sums[i].index_add_(0, level_of(draws[i]), magnitudes)
         zero = torch.zeros(1, dtype=torch.float64)
         return [torch.cat([zero, torch.cumsum(s, 0).cpu()]) for s in sums]
 
