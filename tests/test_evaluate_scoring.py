@@ -73,11 +73,30 @@ def test_multiple_choice_packs_each_prompt_once_and_matches_the_old_scorer(zoo):
     np.testing.assert_allclose(ll1, ll0, rtol=1e-5, atol=1e-4)
     assert (g1 == g0).all() and (n1 == n0).all()
     assert (ll1.reshape(-1, 7).argmax(1) == ll0.reshape(-1, 7).argmax(1)).all()
-    # the prompt once per example, each choice after it (its last token only predicted)
+    # every distinct prefix of the inputs (context, then continuation but its last token)
+    # once, give or take the rows' padding and a prefix split between two rows: at most the
+    # prompt once per example and each choice after it
+    inputs = [c + k[:-1] for c, k in pairs]
+    distinct = len({tuple(s[:j]) for s in inputs for j in range(1, len(s) + 1)})
     needed = sum(len(tok(r["prompt"])["input_ids"]) for r in rows) + sum(len(c) - 1 for _, c in pairs)
-    assert needed <= count.body_tokens <= 1.3 * needed
+    assert distinct <= count.body_tokens <= min(needed, 1.3 * distinct)
     assert count.body_tokens < 0.4 * sum(len(c) + len(k) - 1 for c, k in pairs)  # the old scorer's tokens
-    assert count.head_rows == int(n0.sum())  # the head at scored positions only
+    # the head at scored positions only, once per distinct predicting prefix
+    predicting = len({tuple((c + k)[: len(c) + j]) for c, k in pairs for j in range(len(k))})
+    assert predicting <= count.head_rows <= min(int(n0.sum()), 1.05 * predicting)
+    assert len(count.batches) == 1  # one pass of full rows
+
+
+def test_inputs_are_packed_as_a_trie_each_token_seeing_its_ancestors_only():
+    # inputs [1, 2, 3, 4] and [1, 2, 3] share [1, 2, 3]; [1, 2, 7] shares [1, 2]
+    pairs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([1, 2, 7], [8])]
+    (row,) = _scoring._rows(pairs, max_len=100)
+    assert row.ids == [1, 2, 3, 4, 7] and row.depth == [0, 1, 2, 3, 2]
+    assert sorted(row.scored) == [(2, 4, 0), (2, 6, 1), (3, 5, 0), (4, 8, 2)]  # (node that predicts, target, pair)
+    packed = _scoring._pack([row], pad_id=0, dtype=torch.float32)
+    sees = (packed.mask[0, 0] == 0).int().tolist()
+    assert sees == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 1]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 2]]
 
 
 def test_multiple_choice_evaluator_accuracy_is_the_old_scorers(zoo, tmp_path):
@@ -132,9 +151,16 @@ def test_greedy_generation_matches_generate_and_finished_rows_leave_the_batch(zo
     assert got == want and np.mean([g == r["answer"] for g, r in zip(got, rows)]) > 0.8
     assert all(stop in t for t in tok.batch_decode(after)), "every row stopped at its stop string"
     assert all(len(a) <= len(b) for a, b in zip(after, before))
-    # per batch of 16: the prompt pass, then one-token steps for the rows still running
-    assert count.batches[0] == 16 and min(count.batches) < 16
+    # per batch of 16: the prompts' common prefix (one row), the rest of the prompts, then
+    # one-token steps for the rows still running
+    assert count.batches[:2] == [1, 16] and min(count.batches[2:]) < 16
     assert sum(count.batches) < 0.8 * 3 * 16 * 12  # every row to max_new_tokens: 3 batches x 16 rows x 12 passes
+
+
+def test_a_batchs_common_prompt_prefix_is_shared_and_each_prompt_keeps_a_token():
+    assert _generate._shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert _generate._shared_prefix([[1, 2], [1, 2]]) == 1  # the last token gives the first logits
+    assert _generate._shared_prefix([[1, 2, 3]]) == 0 and _generate._shared_prefix([[1, 2], [3, 2]]) == 0
 
 
 def test_generate_mode_evaluator_scores_as_before(zoo):

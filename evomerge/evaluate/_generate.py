@@ -1,11 +1,13 @@
 """Greedy decoding on a live causal LM: batched, a KV cache, finished rows leave the batch.
 
 Prompts are sorted by length and decoded in batches, left-padded (the attention mask
-and the positions come from the padding, as ``generate`` does). The prompt is run once
-into a KV cache with the LM head at its last position only; each step then runs one
-token per row. A row stops at an end-of-sequence id or when its text holds the stop
-string, and leaves the batch at once: its rows of the cache are dropped, so the next
-steps cost only what the unfinished rows need.
+and the positions come from the padding, as ``generate`` does). The tokens all of a
+batch's prompts start with (an instruction, a question's first words) are run once, for
+one row, and their KV cache copied to every row; the rest of each prompt is run after
+them with the LM head at its last position only; each step then runs one token per row.
+A row stops at an end-of-sequence id or when its text holds the stop string, and leaves
+the batch at once: its rows of the cache are dropped, so the next steps cost only what
+the unfinished rows need.
 """
 
 from __future__ import annotations
@@ -57,17 +59,34 @@ def _cache_kwargs(model: Any) -> tuple[Any, str, str]:
     return inner, cache, ("cache" if "cache" in params else "past_key_values"), ("logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep")
 
 
+def _shared_prefix(prompts: list[list[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (whose
+    position gives the row's first logits); none for a single prompt (nothing to share)."""
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((k for k, (a, b) in enumerate(zip(prompts[0][:n], p)) if a != b), n)
+    return max(n, 0)
+
+
 def _decode_batch(model: Any, prompts: list[list[int]], max_new: int, pad_id: int, eos: set[int], stop: Optional[str], tokenizer: Any) -> list[list[int]]:
     model, cache, cache_kw, keep_kw = _cache_kwargs(model)
     device = device_of(model)
-    width = max(len(p) for p in prompts)
+    shared = _shared_prefix(prompts)
+    if shared:  # the common prefix once, its cache then repeated for every row
+        model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, **{cache_kw: cache, keep_kw: 1})
+        cache.batch_repeat_interleave(len(prompts))
+    width = max(len(p) for p in prompts) - shared
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    attn = torch.zeros((len(prompts), shared + width), dtype=torch.long)
+    attn[:, :shared] = 1
     for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = torch.tensor(p)
-        attn[r, width - len(p) :] = 1
+        own = p[shared:]
+        ids[r, width - len(own) :] = torch.tensor(own)
+        attn[r, shared + width - len(own) :] = 1
     ids, attn = ids.to(device), attn.to(device)
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     logits = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, **{cache_kw: cache, keep_kw: 1}).logits
     new: list[list[int]] = [[] for _ in prompts]
     live = list(range(len(prompts)))  # the batch's rows, by prompt

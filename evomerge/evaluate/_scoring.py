@@ -10,20 +10,25 @@ left to the model's length.
 
 Three savings over one sequence per (context, continuation) pair:
 
-- **packing**: the continuations that share a context (the choices of a multiple-choice
-  example) go in one row, the context once, each continuation after it with the
-  positions it would have alone and an attention mask that lets it see the context and
-  itself only: the context is computed once per example;
+- **prefix sharing (tree packing)**: the model inputs (context, then continuation but its
+  last token) are sorted and packed into rows as token tries. Tokens that several inputs
+  start with (a multiple-choice example's prompt, shared by its choices; an instruction
+  shared by the examples; a first word shared by choices) are one set of positions; each
+  token attends to its ancestors in the trie and itself only, at the position it would
+  have alone: every token the scores depend on is computed once, with the numbers it
+  would have in its own sequence;
 - **the LM head at scored positions only**: the model's body gives hidden states, and
-  the head (a ``vocab x hidden`` matmul and a softmax over the vocabulary) runs on the
-  positions that predict a continuation token, not on every position;
-- **batches bucketed by length**: rows sorted by length, a batch holds rows of similar
-  length up to a count and a token budget.
+  the head (a ``vocab x hidden`` matmul and a softmax over the vocabulary) runs once per
+  distinct position that predicts a continuation token, not on every position;
+- **few, full forward passes**: rows of ``ROW_WIDTH`` tokens, padded only at their ends,
+  ``batch_size`` rows a pass. Each forward pass carries a fixed cost (hundreds of small
+  operators, each a synchronisation of the CPU's threads, far slower when other processes
+  share the cores), so a few wide passes beat many narrow ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -33,6 +38,11 @@ import torch
 LOGITS_BUDGET = 250_000_000
 #: Tokens per forward pass (rows x width), so activations stay small on any batch size.
 TOKENS_BUDGET = 65_536
+#: Tokens per packed row: inputs go side by side up to this width (a longer one gets a row
+#: of its own width). Attention's cost per token grows with it; the padding at rows' ends shrinks.
+ROW_WIDTH = 256
+#: Attention-mask entries per forward pass (rows x width x width).
+MASK_BUDGET = 1 << 25
 
 
 def encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
@@ -90,50 +100,78 @@ def body_and_head(model: Any) -> Optional[tuple[Any, Any]]:
 
 
 @dataclass
-class _Group:
-    """Continuations that share one (already cut) context: one packed row."""
+class _Row:
+    """A token trie laid out in one row: node ``i`` holds ``ids[i]``, attends to its
+    ancestors and itself only, at position ``depth[i]`` (its position in every sequence
+    through it); nodes come after their parents."""
 
-    ctx: list[int]
-    members: list[int]  # request indices
-    conts: list[list[int]]
+    ids: list[int] = field(default_factory=list)
+    parent: list[int] = field(default_factory=list)
+    depth: list[int] = field(default_factory=list)
+    scored: list[tuple[int, int, int]] = field(default_factory=list)  # (node that predicts, target, request)
 
-    @property
-    def width(self) -> int:
-        return len(self.ctx) + sum(len(c) - 1 for c in self.conts)
+    def __len__(self) -> int:
+        return len(self.ids)
 
-
-def _groups(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[_Group]:
-    """Pairs grouped by their context, each cut from the left as the model's length asks."""
-    by_ctx: dict[tuple[int, ...], _Group] = {}
-    for i, (ctx, cont) in enumerate(pairs):
-        if not cont or len(cont) > max_len:
-            raise ValueError(f"a continuation of {len(cont)} tokens cannot be scored (model length {max_len})")
-        cut = max(0, len(ctx) + len(cont) - 1 - max_len)  # the input is ctx + cont[:-1], at most max_len
-        key = tuple(ctx[cut:])
-        g = by_ctx.get(key)
-        if g is None:
-            g = by_ctx[key] = _Group(list(key), [], [])
-        g.members.append(i)
-        g.conts.append(list(cont))
-    return list(by_ctx.values())
+    def add(self, token: int, parent: int) -> int:
+        self.ids.append(token)
+        self.parent.append(parent)
+        self.depth.append(self.depth[parent] + 1 if parent >= 0 else 0)
+        return len(self.ids) - 1
 
 
-def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
-    """Groups sorted by width, longest first, cut into batches of at most ``batch_size``
-    continuations and ``TOKENS_BUDGET`` tokens (padding included)."""
-    order = sorted(groups, key=lambda g: -g.width)
-    out: list[list[_Group]] = []
-    batch: list[_Group] = []
+def _inputs(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[tuple[list[int], int]]:
+    """Each pair's model input (the context, cut from the left as the model's length asks,
+    then the continuation but its last token, which is only predicted) and its context length."""
+    out = []
+    for ctx, cont in pairs:
+        if not ctx or not cont or len(cont) > max_len:
+            raise ValueError(f"a pair of {len(ctx)} context and {len(cont)} continuation tokens cannot be scored (model length {max_len})")
+        cut = max(0, len(ctx) + len(cont) - 1 - max_len)
+        out.append((list(ctx[cut:]) + list(cont[:-1]), len(ctx) - cut))
+    return out
+
+
+def _common(a: list[int], b: list[int]) -> int:
     n = 0
-    for g in order:
-        width = order[0].width if not batch else batch[0].width
-        if batch and (n + len(g.members) > batch_size or (len(batch) + 1) * width > TOKENS_BUDGET):
-            out.append(batch)
-            batch, n = [], 0
-        batch.append(g)
-        n += len(g.members)
-    if batch:
-        out.append(batch)
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _rows(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[_Row]:
+    """The requests' inputs packed as tries into rows of ``ROW_WIDTH`` tokens (a longer
+    input starts a row of its own width). Inputs go in sorted order, so each shares with the
+    trie the longest prefix it can: its common prefix with the previous input."""
+    inputs = _inputs(pairs, max_len)
+    rows: list[_Row] = []
+    row, cap, path, prev = _Row(), 0, [], []
+    for i in sorted(range(len(inputs)), key=lambda i: inputs[i][0]):
+        seq, n_ctx = inputs[i]
+        shared = _common(prev, seq)
+        if not rows or len(row) + len(seq) - shared > cap:
+            row, cap, shared = _Row(), max(ROW_WIDTH, len(seq)), 0
+            rows.append(row)
+        path = path[:shared]
+        for t in seq[shared:]:
+            path.append(row.add(t, path[-1] if path else -1))
+        row.scored += [(path[n_ctx - 1 + j], t, i) for j, t in enumerate(pairs[i][1])]
+        prev = seq
+    return rows
+
+
+def _batches(rows: list[_Row], batch_size: int, tokens_budget: int) -> list[list[_Row]]:
+    """Rows sorted by width, longest first, cut into batches of at most ``batch_size`` rows,
+    ``tokens_budget`` tokens and ``MASK_BUDGET`` mask entries (padding included)."""
+    order = sorted(rows, key=len, reverse=True)
+    out, i = [], 0
+    while i < len(order):
+        width = len(order[i])
+        n = max(1, min(batch_size, tokens_budget // width, MASK_BUDGET // width**2))
+        out.append(order[i : i + n])
+        i += n
     return out
 
 
@@ -148,48 +186,37 @@ class _Packed:
     owner: torch.Tensor  # [n scored] request index
 
 
-def _pack(batch: list[_Group], pad_id: int, dtype: torch.dtype) -> _Packed:
-    width = max(g.width for g in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(batch), width), dtype=torch.long)
-    allowed = torch.zeros((len(batch), width, width), dtype=torch.bool)
-    rows, cols, targets, owner = [], [], [], []
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    for r, g in enumerate(batch):
-        p = len(g.ctx)
-        ids[r, :p] = torch.tensor(g.ctx)
-        positions[r, :p] = torch.arange(p)
-        allowed[r, :p, :p] = causal[:p, :p]
-        at = p
-        for i, cont in zip(g.members, g.conts):
-            seg = cont[:-1]  # inputs after the context; the last token is only predicted
-            end = at + len(seg)
-            if seg:
-                ids[r, at:end] = torch.tensor(seg)
-                positions[r, at:end] = torch.arange(p, p + len(seg))
-                allowed[r, at:end, :p] = True
-                allowed[r, at:end, at:end] = causal[: len(seg), : len(seg)]
-            rows += [r] * len(cont)
-            cols += [p - 1] + list(range(at, end))  # the last context token predicts the first
-            targets += cont
-            owner += [i] * len(cont)
-            at = end
-        allowed[r, at:, at:] = causal[: width - at, : width - at]  # padding sees itself: no empty softmax row
+def _pack(batch: list[_Row], pad_id: int, dtype: torch.dtype) -> _Packed:
+    n_rows, width = len(batch), max(len(row) for row in batch)
+    ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    parent = torch.zeros((n_rows, width), dtype=torch.long)
+    scored = []
+    for r, row in enumerate(batch):
+        n = len(row)
+        ids[r, :n], positions[r, :n], parent[r, :n] = torch.tensor(row.ids), torch.tensor(row.depth), torch.tensor(row.parent)
+        scored += [(r, *s) for s in row.scored]
+    rows, cols, targets, owner = (torch.tensor(column) for column in zip(*scored))
+    # each node sees itself (padding too: no empty softmax row) and what its parent sees;
+    # depth by depth, so a parent's row is complete before its children copy it
+    allowed = torch.eye(width, dtype=torch.bool).repeat(n_rows, 1, 1)
+    for d in range(1, int(positions.max()) + 1):
+        r, i = (positions == d).nonzero(as_tuple=True)
+        allowed[r, i] |= allowed[r, parent[r, i]]
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    return _Packed(ids, positions, mask, torch.tensor(rows), torch.tensor(cols), torch.tensor(targets), torch.tensor(owner))
+    return _Packed(ids, positions, mask, rows, cols, targets, owner)
 
 
-def _logits_fn(model: Any, packed: _Packed, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from scored-token slices to their logits, after one pass of the body."""
+def _logits_fn(model: Any, packed: _Packed, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A function from (rows, cols) to the logits there, after one pass of the body."""
     kw = dict(input_ids=packed.ids.to(device), attention_mask=packed.mask.to(device), position_ids=packed.positions.to(device))
-    rows, cols = packed.rows.to(device), packed.cols.to(device)
     parts = body_and_head(model)
     if parts is None:
         logits = model(**kw).logits
-        return lambda sl: logits[rows[sl], cols[sl]].float()
+        return lambda rows, cols: logits[rows, cols].float()
     body, head = parts
     hidden = body(**kw, use_cache=False).last_hidden_state
-    return lambda sl: head(hidden[rows[sl], cols[sl]]).float()
+    return lambda rows, cols: head(hidden[rows, cols]).float()
 
 
 def _model_dtype(model: Any) -> torch.dtype:
@@ -210,7 +237,8 @@ def loglikelihoods(
     """Per pair: summed log-probability of the continuation, whether every continuation
     token is the argmax (greedy decoding would produce it), and its token count.
 
-    ``batch_size`` bounds the continuations scored per forward pass."""
+    ``batch_size`` bounds the packed rows (of ``ROW_WIDTH`` tokens, or one longer input)
+    per forward pass."""
     n = len(pairs)
     ll = np.zeros(n, dtype=np.float64)
     greedy = np.ones(n, dtype=bool)
@@ -220,18 +248,24 @@ def loglikelihoods(
     device, dtype = device_of(model), _model_dtype(model)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 32000)
     chunk = max(1, LOGITS_BUDGET // vocab)
-    for batch in _batches(_groups(pairs, model_max_length(model)), batch_size):
+    # a model run whole computes the logits at every position
+    tokens_budget = TOKENS_BUDGET if body_and_head(model) is not None else max(1, min(TOKENS_BUDGET, LOGITS_BUDGET // vocab))
+    for batch in _batches(_rows(pairs, model_max_length(model)), batch_size, tokens_budget):
         packed = _pack(batch, pad_id, dtype)
         logits_of = _logits_fn(model, packed, device)
-        targets = packed.targets.to(device)
-        tok_lp, hit = [], []
-        for s in range(0, len(targets), chunk):
-            sl = slice(s, s + chunk)
-            logits = logits_of(sl)
-            tok_lp.append(torch.log_softmax(logits, dim=-1).gather(-1, targets[sl].unsqueeze(-1)).squeeze(-1))
-            hit.append(logits.argmax(-1) == targets[sl])
+        # the head once per distinct predicting position (choices that share a prefix share it)
+        where, inverse = torch.unique(packed.rows * packed.ids.shape[1] + packed.cols, return_inverse=True)
+        where, inverse, targets = where.to(device), inverse.to(device), packed.targets.to(device)
+        tok_lp = torch.empty(len(targets), dtype=torch.float32, device=device)
+        hit = torch.empty(len(targets), dtype=torch.bool, device=device)
+        for s in range(0, len(where), chunk):
+            logits = logits_of(where[s : s + chunk] // packed.ids.shape[1], where[s : s + chunk] % packed.ids.shape[1])
+            sel = ((inverse >= s) & (inverse < s + chunk)).nonzero(as_tuple=True)[0]
+            at = inverse[sel] - s
+            tok_lp[sel] = torch.log_softmax(logits, dim=-1)[at, targets[sel]]
+            hit[sel] = logits.argmax(-1)[at] == targets[sel]
         owner = packed.owner.numpy()
-        np.add.at(ll, owner, torch.cat(tok_lp).double().cpu().numpy())
-        np.logical_and.at(greedy, owner, torch.cat(hit).cpu().numpy())
+        np.add.at(ll, owner, tok_lp.double().cpu().numpy())
+        np.logical_and.at(greedy, owner, hit.cpu().numpy())
         np.add.at(counts, owner, 1)
     return ll, greedy, counts
