@@ -9,8 +9,8 @@ base and K models and write the model (K + 2), linear reads K models (K + 1), sl
 Each row, for float32 and for bfloat16 sources (and a live model of that dtype):
 
 - ``candidate``: a new recipe per merge (weights and densities change), what a search
-  pays per candidate: TIES and Breadcrumbs find new exact thresholds, DARE and DELLA
-  new masked norms; ``ratio`` is this against the floor (the targets hold on it);
+  pays per candidate: TIES and Breadcrumbs find new exact thresholds, DELLA new
+  masked norms; ``ratio`` is this against the floor (the targets hold on it);
 - ``repeat``: the same recipe again (thresholds and norms already known);
 - ``first``: the first merge in a fresh process with an empty compile cache (``cold``)
   and with the cache a previous process left (``warm``): statistics and compilation,
