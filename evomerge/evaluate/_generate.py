@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from evomerge.evaluate._scoring import device_of
+from evomerge.evaluate._scoring import common_prefix, device_of
 
 
 @torch.inference_mode()
@@ -66,7 +66,7 @@ def _shared_prefix(prompts: list[list[int]]) -> int:
         return 0
     n = min(len(p) for p in prompts) - 1
     for p in prompts[1:]:
-        n = next((k for k, (a, b) in enumerate(zip(prompts[0][:n], p)) if a != b), n)
+        n = min(n, common_prefix(prompts[0], p))
     return max(n, 0)
 
 

@@ -132,7 +132,8 @@ def _inputs(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[
     return out
 
 
-def _common(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -150,7 +151,7 @@ def _rows(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[_R
     row, cap, path, prev = _Row(), 0, [], []
     for i in sorted(range(len(inputs)), key=lambda i: inputs[i][0]):
         seq, n_ctx = inputs[i]
-        shared = _common(prev, seq)
+        shared = common_prefix(prev, seq)
         if not rows or len(row) + len(seq) - shared > cap:
             row, cap, shared = _Row(), max(ROW_WIDTH, len(seq)), 0
             rows.append(row)

@@ -92,7 +92,7 @@ class MagnitudeHistogram:
         per_bin = pairs.sum(1)
         bins = np.flatnonzero(per_bin)
         kept = per_bin[bins]
-        above = np.cumsum(kept[::-1])[::-1].copy()
+        above = counts_above(torch.from_numpy(kept)).numpy()
         return cls(bins.astype(np.int32), above, int(kept.sum()), pairs[bins, 0].copy())
 
     def _index(self, b: int) -> int:
@@ -149,9 +149,8 @@ def delta_stats_kernel(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[
 
 
 def counts_above(counts: torch.Tensor) -> torch.Tensor:
-    """``above[j]`` = sum of ``counts[j:]`` (int64)."""
-    total = torch.cumsum(counts, 0)
-    return total[-1] - total + counts
+    """``above[j]`` = sum of ``counts[j:]`` (int64; empty for no counts)."""
+    return torch.cumsum(counts.flip(0), 0).flip(0)
 
 
 def last_reaching(above: "torch.Tensor | np.ndarray", rank: int) -> int:
