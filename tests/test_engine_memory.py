@@ -58,8 +58,8 @@ def test_order_statistics_are_exact_for_awkward_magnitudes():
         (torch.randn(5000, generator=g) * 1e-30).abs(),  # subnormals share the lowest bins
         torch.full((5000,), 0.25),
         torch.randn(5000, generator=g).abs() * 1e30,
-        torch.cat([torch.full((70_000,), 0.25), torch.rand(1000, generator=g)]),  # a bin of over 65536 floor entries
-        torch.cat([torch.full((70_000,), 0.2500001), torch.rand(1000, generator=g)]),  # over 65536 above the floor: counted, not kept
+        torch.cat([torch.full((70_000,), 0.25), torch.rand(1000, generator=g)]),  # a bin of over LOW_BINS floor entries
+        torch.cat([torch.full((70_000,), 0.2500001), torch.rand(1000, generator=g)]),  # over LOW_BINS above the floor: counted, not kept
         torch.cat([torch.full((3000,), 0.25), 0.25 + 0.001 * torch.rand(2000, generator=g)]),  # floor and above it in one bin
     ]
     for x in cases:

@@ -12,6 +12,7 @@ Each row, for float32 and for bfloat16 sources (and a live model of that dtype):
   pays per candidate: TIES and Breadcrumbs find new exact thresholds, DELLA new
   masked norms; ``ratio`` is this against the floor (the targets hold on it);
 - ``repeat``: the same recipe again (thresholds and norms already known);
+- the floor: the median of copies timed next to each of those merges;
 - ``first``: the first merge in a fresh process with an empty compile cache (``cold``)
   and with the cache a previous process left (``warm``): statistics and compilation,
   what a new worker pays once.
@@ -103,7 +104,7 @@ def bench_merge(
     *,
     n_params: int = 110_000_000,
     n_sources: int = 3,
-    repeats: int = 3,
+    repeats: int = 5,
     methods: Optional[list[str]] = None,
     dtypes: Optional[list[str]] = None,
     threads: Optional[int] = None,
@@ -169,19 +170,23 @@ def bench_merge(
 def _bench_method(engine: MergeEngine, model: torch.nn.Module, method: str, base: str, models: list[str], repeats: int) -> dict[str, Any]:
     recipe = example_recipe(method, base, models)
     engine.merge_into(model, recipe)  # statistics and compiled kernels of this process
-    repeat = []
+    other = models[0]
+    copy_once(engine, model, other)  # the copy's first touch of the source's pages
+    # each timed merge next to a timed copy: load drift on the machine (other processes,
+    # memory bandwidth shared with them) hits the method and its floor alike
+    repeat, candidate, copies = [], [], []
     for _ in range(repeats):
+        copies.append(copy_once(engine, model, other))
         t0 = time.perf_counter()
         engine.merge_into(model, recipe)
         repeat.append(time.perf_counter() - t0)
-    candidate = []
     for variant in range(1, repeats + 1):
         fresh = example_recipe(method, base, models, variant=variant)
+        copies.append(copy_once(engine, model, other))
         t0 = time.perf_counter()
         engine.merge_into(model, fresh)
         candidate.append(time.perf_counter() - t0)
-    # the floor measured next to the method, so load drift on the machine hits both alike
-    copy = time_copy(engine, model, models[0], repeats)
+    copy = statistics.median(copies)
     k = len([r for r in recipe.model_refs if r != recipe.base_model])
     floor = copy * get_method(method).traffic(k) / 2
     seconds = statistics.median(candidate)
@@ -318,17 +323,19 @@ def _bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def time_copy(engine: MergeEngine, model: torch.nn.Module, other: str, repeats: int) -> float:
+def copy_once(engine: MergeEngine, model: torch.nn.Module, other: str) -> float:
     """Seconds to copy every tensor of one source into the live model (read N, write N)."""
-    sd = model.state_dict()
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for name, t in sd.items():
-                t.copy_(engine.full(other, name))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t.copy_(engine.full(other, name))
+    return time.perf_counter() - t0
+
+
+def time_copy(engine: MergeEngine, model: torch.nn.Module, other: str, repeats: int) -> float:
+    """Median of :func:`copy_once` over ``repeats``, after one untimed copy."""
+    copy_once(engine, model, other)
+    return statistics.median(copy_once(engine, model, other) for _ in range(repeats))
 
 
 def format_table(result: dict[str, Any]) -> str:

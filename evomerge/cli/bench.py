@@ -28,7 +28,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--params", type=float, default=110e6, help="model size in parameters (default: 1.1e8)")
     m.add_argument("--sources", type=int, default=3, help="fine-tuned sources besides the base (default: 3)")
-    m.add_argument("--repeats", type=int, default=3, help="timed repeats per method; the median is kept (default: 3)")
+    m.add_argument("--repeats", type=int, default=5, help="timed repeats per method; the median is kept (default: 5)")
     m.add_argument("--methods", default=None, help="comma-separated methods (default: all)")
     m.add_argument("--dtypes", default="float32,bfloat16", help="dtypes of the sources and the live model (default: float32,bfloat16)")
     m.add_argument("--no-first-merge", action="store_true", help="skip the fresh-process first merges (cold and warm compile cache)")

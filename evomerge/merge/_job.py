@@ -16,7 +16,7 @@ import torch
 
 from evomerge.merge._kernels import delta_sum_into, pair_sums_kernel, scalars, weighted_sum_into
 from evomerge.merge._random import SEGMENT, stream_key
-from evomerge.merge._selection import BINS_PER_MODEL, EMPTY_BIN, LowBits, bin_bounds, flagged, in_bins_kernel
+from evomerge.merge._selection import EMPTY_BIN, LowBits, bin_bounds, flagged, in_bins_kernel
 from evomerge.merge.methods.base import TensorPlan
 
 if TYPE_CHECKING:
@@ -140,8 +140,9 @@ class TensorJob:
         self.engine.delta_stats(self.base, list(models), self.name, self.chunks())
         return [self.engine.stat(("delta", self.name, self.base, m)).l1 for m in models]
 
-    def order_stats(self, wanted: dict[str, list[int]]) -> dict[tuple[str, int], float]:
-        """Exact ``rank``-th largest task-vector magnitudes (1-based), per model.
+    def order_stats(self, wanted: dict[str, list[int]], width: int) -> dict[tuple[str, int], float]:
+        """Exact ``rank``-th largest task-vector magnitudes (1-based), per model: at most
+        ``width`` ranks each, the same number for every candidate of a method.
 
         One pass over the tensor for the ranks not seen before (see
         :mod:`evomerge.merge._selection`); answers are kept for later candidates.
@@ -168,9 +169,9 @@ class TensorJob:
         if todo:
             low = {m: LowBits() for m in todo}
             bins = {m: sorted({bin_ for _, bin_, _ in todo.get(m, ())}) for m in models}
-            # one kernel variant for every candidate: all the models, the same number of
-            # bins each (empty ones padded), so a new candidate never recompiles it
-            width = max(BINS_PER_MODEL, *(len(v) for v in bins.values()))
+            # one kernel variant for every candidate: all the models, ``width`` bins each
+            # (empty ones padded), so a new candidate never recompiles it; no more, as each
+            # costs compute in the pass
             bounds = [[bin_bounds(b) for b in bins[m]] + [EMPTY_BIN] * (width - len(bins[m])) for m in models]
             lows = [[torch.tensor(lo, dtype=torch.float32) for lo, _ in bb] for bb in bounds]
             highs = [[torch.tensor(hi, dtype=torch.float32) for _, hi in bb] for bb in bounds]

@@ -5,14 +5,16 @@ Breadcrumbs keeps a band between two order statistics. Both need the exact k-th
 largest magnitude for any density a candidate asks. Keeping every tensor's sorted
 magnitudes would cost 4 bytes per parameter and source, so instead:
 
-1. once per (model, tensor), a histogram of the magnitudes over the top 16 bits of
+1. once per (model, tensor), a histogram of the magnitudes over the top 17 bits of
    their float32 pattern (a non-negative float's bits sort like the float, so the bins
-   are ordered; each spans 1/128 of an octave): a few kilobytes;
+   are ordered; each spans 1/256 of an octave): a few kilobytes;
 2. per new rank, the histogram names the bin holding the k-th largest and its rank
-   inside the bin; one pass over the tensor counts the low 16 bits of the entries in
-   that bin (a 65536-bin histogram), which gives the exact 32-bit pattern.
+   inside the bin; one pass over the tensor counts the low 15 bits of the entries in
+   that bin (a 32768-bin histogram), which gives the exact 32-bit pattern. (The finer
+   the bins, the fewer entries that pass gathers: about 0.1% of a float32 task vector's
+   per model, half what 16-bit bins left.)
 
-The histogram also counts, per bin, the entries whose low 16 bits are zero (the bin's
+The histogram also counts, per bin, the entries whose low 15 bits are zero (the bin's
 smallest value). Differences of 16-bit sources are mostly such values (99% of a
 bfloat16 family's task-vector entries: they are exact in 16 bits), so most ranks fall
 on one of them and are answered from the histogram alone, with no pass; the pass then
@@ -43,8 +45,10 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 
-HIGH_BINS = 1 << 15  # a non-negative float32's top 16 bits (sign bit 0)
-LOW_BINS = 1 << 16
+LOW_SHIFT = 15  # the low bits counted inside a bin
+LOW_MASK = (1 << LOW_SHIFT) - 1
+HIGH_BINS = 1 << (31 - LOW_SHIFT)  # a non-negative float32's top 17 bits (sign bit 0)
+LOW_BINS = 1 << LOW_SHIFT
 
 
 def magnitude_bits(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -62,21 +66,22 @@ _INT32, _FLOAT32 = struct.Struct("<i"), struct.Struct("<f")
 
 def bin_bounds(b: int) -> tuple[float, float]:
     """[low, high) of the magnitudes in high bin ``b`` (high is +inf for the top bin)."""
-    top = (b + 1) << 16
-    return bits_value(b << 16), (float("inf") if top >= 0x7F800000 else bits_value(top))
+    top = (b + 1) << LOW_SHIFT
+    return bits_value(b << LOW_SHIFT), (float("inf") if top >= 0x7F800000 else bits_value(top))
 
 
 @dataclass
 class MagnitudeHistogram:
     """How many magnitudes fall in each high bin, for the non-empty bins only, counted from
     the top down. (A task vector's bins span most of the float range, from its exact zeros
-    up, but only about one in ten holds anything: kept whole, the histograms of a 300M
-    model's tensors grew the engine's memory by 0.8 bytes per parameter.)"""
+    up, but only a few thousand hold anything: kept whole, the histograms of a 300M
+    model's tensors grew the engine's memory by 0.8 bytes per parameter; kept sparse, in
+    int32 where a tensor's size allows, about 60 KB each for the largest.)"""
 
     bins: np.ndarray  # int32, ascending: the non-empty high bins
-    above: np.ndarray  # int64: above[j] = entries in bins >= bins[j]
+    above: np.ndarray  # above[j] = entries in bins >= bins[j] (int32, int64 for 2**31 entries or more)
     n: int
-    floor: np.ndarray  # int64: floor[j] = entries of bin bins[j] whose low 16 bits are 0
+    floor: np.ndarray  # floor[j] = entries of bin bins[j] whose low bits are 0 (as ``above``)
 
     @classmethod
     def of(cls, chunks: Iterable[torch.Tensor]) -> "MagnitudeHistogram":
@@ -93,7 +98,9 @@ class MagnitudeHistogram:
         bins = np.flatnonzero(per_bin)
         kept = per_bin[bins]
         above = counts_above(torch.from_numpy(kept)).numpy()
-        return cls(bins.astype(np.int32), above, int(kept.sum()), pairs[bins, 0].copy())
+        n = int(kept.sum())
+        count_type = np.int32 if n < 2**31 else np.int64
+        return cls(bins.astype(np.int32), above.astype(count_type), n, pairs[bins, 0].astype(count_type))
 
     def _index(self, b: int) -> int:
         """Position of the first non-empty bin >= ``b``."""
@@ -118,7 +125,7 @@ class MagnitudeHistogram:
         above_floor = self.count_at_or_above(b) - self.count_at_or_above(b + 1) - int(self.floor[j])
         if rank_in_bin <= above_floor:
             return None
-        return bits_value(b << 16)
+        return bits_value(b << LOW_SHIFT)
 
 
 def histogram_chunk(magnitudes: torch.Tensor) -> torch.Tensor:
@@ -127,8 +134,8 @@ def histogram_chunk(magnitudes: torch.Tensor) -> torch.Tensor:
 
 
 def bin_codes(bits: torch.Tensor) -> torch.Tensor:
-    """Each entry's high bin times two, plus one when its low 16 bits are not zero (int32)."""
-    return (bits >> 16) * 2 + ((bits & 0xFFFF) != 0).to(torch.int32)
+    """Each entry's high bin times two, plus one when its low bits are not zero (int32)."""
+    return (bits >> LOW_SHIFT) * 2 + ((bits & LOW_MASK) != 0).to(torch.int32)
 
 
 def count_bins(codes: torch.Tensor) -> torch.Tensor:
@@ -159,7 +166,6 @@ def last_reaching(above: "torch.Tensor | np.ndarray", rank: int) -> int:
     return int(np.searchsorted(-values, -rank, side="right")) - 1
 
 
-BINS_PER_MODEL = 2  # bins per model in one pass (Breadcrumbs' two edges; fewer are padded)
 EMPTY_BIN = (float("inf"), float("inf"))  # bounds no magnitude falls between
 FLAG_WORD = 8  # int8 flags looked at 8 at a time (as int64 words) when finding the few set ones
 
@@ -195,9 +201,9 @@ def flagged(flags: torch.Tensor) -> torch.Tensor:
 
 
 class LowBits:
-    """The low 16 bits of the entries in some high bins above their floors (low bits not
+    """The low bits of the entries in some high bins above their floors (low bits not
     zero), gathered over chunks: kept as values while few (a chunk adds a handful),
-    folded into a 65536-bin count when many, so memory stays bounded whatever the tensor
+    folded into a 32768-bin count when many, so memory stays bounded whatever the tensor
     size. Ranks count from the bin's top, as :meth:`MagnitudeHistogram.locate` gives them;
     a rank among the floor entries is :meth:`MagnitudeHistogram.floor_value`'s."""
 
@@ -209,8 +215,8 @@ class LowBits:
     def add(self, magnitudes: torch.Tensor, *bins: int) -> None:
         """Keep the entries of ``magnitudes`` (float32, >= 0, few: those in or near the bins) in ``bins``."""
         bits = magnitude_bits(magnitudes.flatten()).cpu().numpy()  # few entries: numpy, no thread start-up
-        high = bits >> 16
-        low = bits & 0xFFFF
+        high = bits >> LOW_SHIFT
+        low = bits & LOW_MASK
         for b in bins:
             inside = torch.from_numpy(low[(high == b) & (low != 0)])
             if inside.numel():
@@ -233,4 +239,4 @@ class LowBits:
         else:
             values = torch.cat(self.values[b])
             low = int(torch.kthvalue(values, values.numel() - rank + 1).values)  # the rank-th largest
-        return bits_value((b << 16) | low)
+        return bits_value((b << LOW_SHIFT) | low)

@@ -340,7 +340,7 @@ class TaskArithmetic(MergeMethod):
                     edges.append(band)
                     if band and band[0]:
                         wanted.setdefault(m, []).extend(band)
-            values = job.order_stats(wanted)
+            values = job.order_stats(wanted, 1 if kind == "magnitude" else 2)  # ranks per model: a threshold, a band's edges
             out = []
             for m, e in zip(models, edges):
                 if kind == "magnitude":
