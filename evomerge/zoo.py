@@ -157,6 +157,11 @@ class Zoo:
     def base(self) -> Path:
         return self.models[BASE]
 
+    def preset(self, skill: str) -> str:
+        """The evaluator preset scoring a skill: ``zoo_<skill>``, or ``real_<skill>`` for
+        the real family (:mod:`evomerge.real_zoo`)."""
+        return f"{'real' if self.manifest.get('real') else 'zoo'}_{skill}"
+
     @property
     def specialists(self) -> dict[str, Path]:
         return {s: self.models[s] for s in self.skills}

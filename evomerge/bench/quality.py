@@ -64,7 +64,7 @@ def search_config(
     data: dict[str, Any] = {
         "sources": {"base_model": str(zoo.base), "models": [str(folders[s]) for s in skills]},
         "search_space": LORA_SEARCH_SPACE if lora else SEARCH_SPACE,
-        "evaluators": [{"preset": f"zoo_{s}", "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills],
+        "evaluators": [{"preset": zoo.preset(s), "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills],
         "objectives": [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills],
         "optimizer": {"name": optimizer, "options": dict(OPTIMIZER_OPTIONS.get(optimizer, {}))},
         "budget": {"trials": trials, "holdout_share": 1.0},  # the held-out table reads every member chosen on validation
@@ -119,7 +119,7 @@ def baseline_rows(
     spec = WorkerSpec(
         models=(str(zoo.base), *map(str, specialists)),
         base_model=str(zoo.base),
-        evaluators=tuple(EvaluatorSpec(f"zoo_{s}", s, "validation", "test", limit, {}) for s in skills),
+        evaluators=tuple(EvaluatorSpec(zoo.preset(s), s, "validation", "test", limit, {}) for s in skills),
     )
     before_grid: list[tuple[str, str, str, dict]] = [
         *[(f"specialist {s}", "specialist", "", _linear([folders[s]])) for s in skills],

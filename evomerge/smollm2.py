@@ -73,7 +73,7 @@ def smollm2_folder(folder: Path) -> Path:
     return folder
 
 
-if __name__ == "__main__":  # python -m evomerge.bench.smollm2 FOLDER: convert once
+if __name__ == "__main__":  # python -m evomerge.smollm2 FOLDER: convert once
     import sys
 
     print(smollm2_folder(Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/smollm2")))
