@@ -73,6 +73,10 @@ def test_a_build_scores_every_model_and_a_second_call_reuses_it(zoo_dir, tmp_pat
     assert load_zoo(root).fingerprint == recipe.fingerprint()
     again = real_zoo(root, recipe=recipe, progress=False)
     assert again.reused and again.table == z.table
+    from evomerge.bench.quality import search_config
+
+    config = search_config(again, ["french", "german"], search_space="ties_blockwise")  # what bench quality --zoo searches
+    assert [e["preset"] for e in config["evaluators"]] == ["real_french", "real_german"] and config["search_space"] == "ties_blockwise"
 
 
 def test_a_killed_fine_tune_continues_from_its_checkpoint(zoo_dir, tmp_path, monkeypatch):

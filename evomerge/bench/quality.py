@@ -55,15 +55,16 @@ def search_config(
     keep_pareto_models: bool = True,
     limit: Optional[int] = None,
     specialists: Optional[dict[str, Path]] = None,
+    search_space: Optional[str] = None,
 ) -> dict[str, Any]:
     """The run config of a zoo search over ``skills``: searched on validation, front re-scored on test.
     ``specialists``: skill -> source folder (default the zoo's full fine-tunes; LoRA adapters
-    with :data:`LORA_SEARCH_SPACE`)."""
+    with :data:`LORA_SEARCH_SPACE`); ``search_space``: a preset instead of the default."""
     folders = specialists or zoo.models
     lora = specialists is not None and specialists is not zoo.models
     data: dict[str, Any] = {
         "sources": {"base_model": str(zoo.base), "models": [str(folders[s]) for s in skills]},
-        "search_space": LORA_SEARCH_SPACE if lora else SEARCH_SPACE,
+        "search_space": search_space or (LORA_SEARCH_SPACE if lora else SEARCH_SPACE),
         "evaluators": [{"preset": zoo.preset(s), "name": s, "split": "validation", "holdout_split": "test", "limit": limit} for s in skills],
         "objectives": [{"metric": f"{s}/accuracy", "direction": "maximize"} for s in skills],
         "optimizer": {"name": optimizer, "options": dict(OPTIMIZER_OPTIONS.get(optimizer, {}))},
@@ -273,6 +274,7 @@ def bench_quality(
     runs_dir: Optional[Path] = None,
     limit: Optional[int] = None,
     lora: bool = False,
+    search_space: Optional[str] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Baselines, then one search per optimizer; the table as a dict (see the module docstring).
@@ -282,9 +284,15 @@ def bench_quality(
     from evomerge.run.api import create
     from evomerge.zoo import load_zoo, zoo
 
-    check_skills(None, skills)  # before a zoo is built for nothing
     check_optimizers(optimizers)  # before the baselines are scored for nothing
-    z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)
+    if search_space is not None:
+        from evomerge._presets import resolve_preset
+
+        resolve_preset(search_space, "search_spaces")
+    z = load_zoo(zoo_dir, quiet=True)  # the demo zoo, or the real family (evomerge zoo --real)
+    if z is None:
+        check_skills(None, skills)  # before a zoo is built for nothing
+        z = zoo(zoo_dir, progress=progress)
     check_skills(z, skills)
     specialists = None
     if lora:
@@ -301,7 +309,7 @@ def bench_quality(
         for opt in optimizers:
             name = f"quality-{opt}-{time.strftime('%Y%m%d-%H%M%S')}"
             data = search_config(z, skills, optimizer=opt, trials=trials, workers=workers, executor=executor, seed=seed, keep_pareto_models=False, limit=limit,
-                                 specialists=specialists)
+                                 specialists=specialists, search_space=search_space)
             path = write_config(data, Path(runs_dir), name)
             try:
                 run = create(path, runs_dir=Path(runs_dir), name=name)
@@ -314,7 +322,7 @@ def bench_quality(
         if tmp is not None:
             tmp.cleanup()
     result = quality_table(rows, skills)
-    result.update(zoo=str(z.root), sources="lora" if lora else "full", limit=limit, trials=trials, optimizers=list(optimizers), seed=seed, executor=executor, workers=workers, searches=searches)
+    result.update(zoo=str(z.root), sources="lora" if lora else "full", search_space=data["search_space"] if optimizers else search_space, limit=limit, trials=trials, optimizers=list(optimizers), seed=seed, executor=executor, workers=workers, searches=searches)
     result["per_optimizer"] = {opt: _margins(rows, f"{opt}: best mean") for opt in optimizers}
     return result
 

@@ -119,7 +119,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "DARE-TIES with mergekit's defaults and with density 0.5; then run one search per optimizer (on "
         "validation) and add its front members best per skill and best on the mean, with the margins.",
     )
-    qu.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
+    qu.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder: the demo zoo (built if missing) or a real family from zoo --real (default: zoo)")
     qu.add_argument("--skills", default="reverse,count", help="zoo skills merged, comma-separated (default: reverse,count)")
     qu.add_argument("--optimizers", default="nsga2,cma", help="one search per optimizer, comma-separated (default: nsga2,cma)")
     qu.add_argument("--trials", type=int, default=100, help="trials per search (default: 100)")
@@ -128,6 +128,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     qu.add_argument("--seed", type=int, default=0, help="seed of every search (default: 0)")
     qu.add_argument("--runs-dir", type=Path, default=None, help="keep the searches' run folders here (default: a temp folder)")
     qu.add_argument("--limit", type=int, default=None, help="examples per skill and split, for a quick look (default: all 500)")
+    qu.add_argument("--search-space", default=None, help="search space preset of the searches (default: ties_layerwise; lora_ties_layerwise with --lora)")
     qu.add_argument("--lora", action="store_true", help="merge the zoo's LoRA specialists (trained once, next to the zoo) instead of its full fine-tunes")
     qu.add_argument("--json", action="store_true", help="print JSON")
     qu.set_defaults(handler=_run_bench_quality)
@@ -242,6 +243,7 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
         runs_dir=args.runs_dir,
         limit=args.limit,
         lora=args.lora,
+        search_space=args.search_space,
         progress=not args.json,
     )
     print(json.dumps(result, indent=2) if args.json else format_table(result))
