@@ -93,10 +93,13 @@ def real_zoo(directory: str | Path, *, recipe: Optional[RealRecipe] = None, rebu
     others = [c for c in root.iterdir() if c.name != BASE] if root.exists() else []
     if others and not state.is_file() and found is None:  # (a converted base alone is taken as it is)
         raise ConfigError(f"{root}: exists, is not empty and holds no zoo; choose another folder")
-    if rebuild or found is not None or (state.is_file() and json.loads(state.read_text()).get("fingerprint") != recipe.fingerprint()):
+    resumed = json.loads(state.read_text()) if state.is_file() else {}
+    if rebuild or found is not None or resumed.get("fingerprint") != recipe.fingerprint():
         _clear(root)
+        resumed = {}
     root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(state, {"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe)})
+    # the build's seconds so far stay with it: a resumed build reports its whole time
+    write_json_atomic(state, {"fingerprint": recipe.fingerprint(), "recipe": asdict(recipe), "seconds": resumed.get("seconds", 0.0)})
     return _build(root, recipe, progress=progress)
 
 
