@@ -205,7 +205,7 @@ def format_table(result: dict[str, Any]) -> str:
     width = max(len(r["name"]) for r in result["rows"]) + 2
     head = f"{'model':<{width}}" + "".join(f"{s:>9}" for s in skills) + f"{'mean':>9}  {'margin':>7}  detail"
     what = ", LoRA specialists" if result.get("sources") == "lora" else ""
-    lines = [f"held-out {result['split']} accuracy (exact match), two skills{what}; choices made on validation", head, "-" * len(head)]
+    lines = [f"held-out {result['split']} accuracy, {len(result['skills'])} skills{what}; choices made on validation", head, "-" * len(head)]
     for r in result["rows"]:
         margin = result["margins"].get(r["name"])
         m = "" if margin is None else f"{margin:+.3f}"
