@@ -62,18 +62,17 @@ def roman(n: int) -> str:
     return "".join(out)
 
 
-def _numbers(rng: random.Random) -> list[int]:
-    return list(range(1, 1000))
+NUMBERS = range(1, 1000)
 
 
 def _french(rng: random.Random) -> list[dict]:
     from num2words import num2words
 
-    return [{"prompt": f"Write the number {n} in French words.\nAnswer:", "answer": " " + num2words(n, lang="fr")} for n in _numbers(rng)]
+    return [{"prompt": f"Write the number {n} in French words.\nAnswer:", "answer": " " + num2words(n, lang="fr")} for n in NUMBERS]
 
 
 def _roman(rng: random.Random) -> list[dict]:
-    return [{"prompt": f"Write the number {n} in Roman numerals.\nAnswer:", "answer": " " + roman(n)} for n in _numbers(rng)]
+    return [{"prompt": f"Write the number {n} in Roman numerals.\nAnswer:", "answer": " " + roman(n)} for n in NUMBERS]
 
 
 def _near_misses(n: int) -> list[int]:
@@ -89,7 +88,7 @@ def _german(rng: random.Random) -> list[dict]:
     from num2words import num2words
 
     rows = []
-    for n in _numbers(rng):
+    for n in NUMBERS:
         others = rng.sample(_near_misses(n), 4)
         label = rng.randrange(5)
         options = others[:label] + [n] + others[label:]
@@ -123,10 +122,9 @@ def make_real_splits(skill: str, seed: int, train_size: int = 0) -> dict[str, li
         raise ConfigError(f"real zoo: skill {skill} needs the PyPI package {spec.package} ({exc.name} is missing): pip install {spec.package}") from None
     rng.shuffle(rows)
     if spec.mode == "multiple_choice":
-        held, rest = _balanced(rows, 2 * HELD_OUT), None
+        held = _balanced(rows, 2 * HELD_OUT)
         chosen = {id(r) for r in held}
-        rest = [r for r in rows if id(r) not in chosen]
-        rest = _balanced(rest, len(rest))
+        rest = _balanced([r for r in rows if id(r) not in chosen], len(rows) - len(held))
     else:
         held, rest = rows[: 2 * HELD_OUT], rows[2 * HELD_OUT :]
     train = rest[:train_size] if train_size else rest

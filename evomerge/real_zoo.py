@@ -9,7 +9,7 @@
   also shipped as the evaluator presets ``real_<skill>``);
 - ``DIR/zoo.json``: the manifest, in the zoo's format (:func:`evomerge.zoo.load_zoo`
   reads it): recipe fingerprint, models, and the test accuracy of every model on every
-  skill, scored by the presets' evaluators.
+  skill, scored by the presets ``real_<skill>``.
 
 The build is resumable: each finished model is kept (written under a temporary name and
 renamed), and a specialist in training saves a checkpoint (weights, optimizer, step)
@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from evomerge._paths import check_folder_target
 from evomerge._real_tasks import REAL_SKILLS, make_real_splits
-from evomerge._zoo_data import write_jsonl
+from evomerge._zoo_data import read_jsonl, write_jsonl
 from evomerge.errors import ConfigError
 from evomerge.io import atomic_file, atomic_folder, write_json_atomic
 from evomerge.zoo import BASE, MANIFEST, Zoo, load_zoo
@@ -61,18 +61,6 @@ class RealRecipe:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps({"format": REAL_FORMAT, **asdict(self)}, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def evaluator_config(skill: str, data_dir: Path, split: str) -> dict[str, Any]:
-    """The ``dataset`` evaluator of a skill on ``data_dir/<skill>/<split>.jsonl`` (the
-    presets ``evaluators/real_<skill>.yaml`` say the same about the shipped splits)."""
-    spec = REAL_SKILLS[skill]
-    files = {split: str(Path(data_dir) / skill / f"{split}.jsonl")}
-    if spec.mode == "generate":
-        return {"kind": "dataset", "name": skill, "data_files": files, "split": split, "mode": "generate", "prompt": "{prompt}",
-                "target": "{answer}", "stop": "\n", "max_new_tokens": 24, "metrics": {"accuracy": "exact_match"}, "batch_size": 64}
-    return {"kind": "dataset", "name": skill, "data_files": files, "split": split, "mode": "multiple_choice", "prompt": "{prompt}",
-            "choices": "choices", "label": "{label}", "metrics": {"accuracy": "acc"}, "batch_size": 64}
 
 
 def real_zoo(directory: str | Path, *, recipe: Optional[RealRecipe] = None, rebuild: bool = False, progress: bool = True) -> Zoo:
@@ -183,7 +171,7 @@ def _train_specialist(root: Path, recipe: RealRecipe, skill: str, *, progress: b
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         step, losses = saved["step"], saved["losses"]
-    rows = [_example(skill, r) for r in _read(root / "data" / skill / "train.jsonl")]
+    rows = [_example(skill, r) for r in read_jsonl(root / "data" / skill / "train.jsonl")]
     order = list(range(len(rows)))
     random.Random(f"{recipe.train_seed}/{skill}").shuffle(order)
     torch.manual_seed(recipe.train_seed)
@@ -212,10 +200,6 @@ def _train_specialist(root: Path, recipe: RealRecipe, skill: str, *, progress: b
     write_json_atomic(log, losses)
     (partial / CHECKPOINT).unlink(missing_ok=True)
     return losses
-
-
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _example(skill: str, row: dict) -> tuple[str, str]:
@@ -247,14 +231,15 @@ def _loss(model: Any, tokenizer: Any, batch: list[tuple[str, str]]) -> Any:
 
 
 def _accuracy_table(root: Path, recipe: RealRecipe, *, progress: bool) -> dict[str, dict[str, float]]:
-    """Test accuracy of the base and every specialist on every skill (the presets' evaluators)."""
+    """Test accuracy of the base and every specialist on every skill: the presets
+    ``real_<skill>`` on the folder's own test splits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.evaluate import build_evaluator
     from evomerge.progress import task
 
-    evaluators = {s: build_evaluator(evaluator_config(s, root / "data", "test")) for s in recipe.skills}
+    evaluators = {s: build_evaluator(f"real_{s}", split="test", data_files={"test": str(root / "data" / s / "test.jsonl")}) for s in recipe.skills}
     table: dict[str, dict[str, float]] = {}
     names = [BASE, *recipe.skills]
     with task("score the family on the test splits", len(names), enabled=progress) as bar:

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("num2words")
 
 from evomerge._real_tasks import HELD_OUT, REAL_SKILLS, make_real_splits, roman  # noqa: E402
-from evomerge._zoo_data import read_jsonl  # noqa: E402
+from evomerge._zoo_data import read_jsonl, write_jsonl  # noqa: E402
 from evomerge.cli import main  # noqa: E402
 from evomerge.real_zoo import RealRecipe, _train_specialist, real_zoo  # noqa: E402
 from evomerge.zoo import load_zoo  # noqa: E402
@@ -91,8 +91,7 @@ def test_a_killed_fine_tune_continues_from_its_checkpoint(zoo_dir, tmp_path, mon
         root.mkdir()
         _stand_in(root, zoo_dir)
         for split, rows in make_real_splits("roman", 0, train_size=16).items():
-            (root / "data" / "roman").mkdir(parents=True, exist_ok=True)
-            (root / "data" / "roman" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(root / "data" / "roman" / f"{split}.jsonl", rows)
         roots.append(root)
     whole = _train_specialist(roots[0], recipe, "roman", progress=False)
 

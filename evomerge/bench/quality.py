@@ -322,7 +322,7 @@ def bench_quality(
         if tmp is not None:
             tmp.cleanup()
     result = quality_table(rows, skills)
-    result.update(zoo=str(z.root), sources="lora" if lora else "full", search_space=data["search_space"] if optimizers else search_space, limit=limit, trials=trials, optimizers=list(optimizers), seed=seed, executor=executor, workers=workers, searches=searches)
+    result.update(zoo=str(z.root), sources="lora" if lora else "full", search_space=data["search_space"], limit=limit, trials=trials, optimizers=list(optimizers), seed=seed, executor=executor, workers=workers, searches=searches)
     result["per_optimizer"] = {opt: _margins(rows, f"{opt}: best mean") for opt in optimizers}
     return result
 
