@@ -348,6 +348,10 @@ def _measure(cfg: Path, workdir: Path, kind: str, k: int, cpus: float, progress:
         "holdout_seconds": summary["holdout_seconds"] if holdout else None,
         "holdout_deferred": summary["holdout_deferred"] if holdout else None,
         "front": len(summary["pareto"]),
+        "members_written": summary.get("members_written", 0),
+        "write_seconds": rec.write,  # the workers' own time on members (snapshots, waits)
+        "background_write_seconds": rec.background,  # member folders written in their background threads
+        "run_dir": str(run.run_dir),
     }
 
 

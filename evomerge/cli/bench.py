@@ -97,10 +97,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     se.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
     se.add_argument("--trials", type=int, default=24, help="trials per timed search (default: 24)")
-    se.add_argument("--workers", default="1,2", help="Ray worker counts to time, comma-separated (default: 1,2)")
+    se.add_argument("--workers", default=None, help="Ray worker counts to time, comma-separated (default: 1,2; one count with --real, default 2)")
     se.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default: 1)")
-    se.add_argument("--optimizer", default="random", help="sampler of the timed searches (default: random)")
-    se.add_argument("--limit", type=int, default=None, help="examples per skill and candidate (default: all of the validation split)")
+    se.add_argument("--optimizer", default=None, help="sampler of the timed searches (default: random; cma with --real)")
+    se.add_argument("--limit", type=int, default=None, help="examples per skill and candidate (default: all of the validation split; 50 with --real)")
+    se.add_argument("--real", type=Path, default=None, metavar="DIR",
+                    help="instead: the real family in DIR (evomerge zoo --real), evomerge's search with --workers Ray workers against "
+                    "the loop a user would write (mergekit-yaml to disk, from_pretrained, the same evaluators) on the same recipes; "
+                    "candidates per hour of both (issue 19: at least 5x)")
+    se.add_argument("--loop-candidates", type=int, default=4, help="with --real: recipes the mergekit loop merges and scores (default: 4)")
+    se.add_argument("--mergekit", type=Path, default=None, help="with --real: mergekit-yaml of mergekit's own environment "
+                    "(default: .venv-mergekit/bin/mergekit-yaml, which `make parity` installs)")
     se.add_argument("--memory-params", type=float, default=1e8, help="model size of the memory probe; 0 skips it (default: 1e8)")
     se.add_argument("--members-params", type=float, default=0, help="model size of the members probe: ray x2 keeping Pareto members on a bfloat16 family "
                     "(driver memory, workers' time writing members); 0 skips it (default: 0; issue 17 measures 1e9)")
@@ -251,19 +258,42 @@ def _run_bench_quality(args: argparse.Namespace) -> int:
 
 
 def _run_bench_search(args: argparse.Namespace) -> int:
+    if args.real is not None:
+        return _run_bench_search_real(args)
     from evomerge.bench.search import bench_search, format_table
 
     result = bench_search(
         zoo_dir=args.zoo,
         trials=args.trials,
-        ray_workers=_ints(args.workers, "--workers"),
+        ray_workers=_ints(args.workers or "1,2", "--workers"),
         cpus_per_worker=args.cpus_per_worker,
-        optimizer=args.optimizer,
+        optimizer=args.optimizer or "random",
         limit=args.limit,
         memory_params=args.memory_params,
         members_params=args.members_params,
         members_trials=args.members_trials,
         holdout=not args.no_holdout,
+        workdir=args.workdir,
+        progress=not args.json,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _run_bench_search_real(args: argparse.Namespace) -> int:
+    from evomerge.bench.search_real import DEFAULT_MERGEKIT, bench_search_real, format_table
+
+    workers = _ints(args.workers or "2", "--workers")
+    if len(workers) != 1:
+        raise ConfigError(f"--workers: one worker count with --real, got {args.workers}")
+    result = bench_search_real(
+        family=args.real,
+        trials=args.trials,
+        workers=workers[0],
+        optimizer=args.optimizer or "cma",
+        limit=args.limit if args.limit is not None else 50,
+        loop_candidates=args.loop_candidates,
+        mergekit=args.mergekit or DEFAULT_MERGEKIT,
         workdir=args.workdir,
         progress=not args.json,
     )
