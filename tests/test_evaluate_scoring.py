@@ -41,6 +41,7 @@ class _Count:
     def __init__(self, model):
         self.body_tokens = self.head_rows = 0
         self.batches: list[int] = []
+        self.passes: list[int] = []  # tokens per pass
         inner = model.model
         self._hooks = [
             inner.embed_tokens.register_forward_hook(self._body),
@@ -51,6 +52,7 @@ class _Count:
         ids = args[0]
         self.body_tokens += ids.numel()
         self.batches.append(ids.shape[0])
+        self.passes.append(ids.numel())
 
     def _head(self, module, args, out):
         self.head_rows += args[0].reshape(-1, args[0].shape[-1]).shape[0]
@@ -84,7 +86,9 @@ def test_multiple_choice_packs_each_prompt_once_and_matches_the_old_scorer(zoo):
     # the head at scored positions only, once per distinct predicting prefix
     predicting = len({tuple((c + k)[: len(c) + j]) for c, k in pairs for j in range(len(k))})
     assert predicting <= count.head_rows <= min(int(n0.sum()), 1.05 * predicting)
-    assert len(count.batches) == 1  # one pass of full rows
+    # passes of full rows, as many as the CPU's token budget per pass asks
+    budget = _scoring.CPU_TOKENS_BUDGET
+    assert max(count.passes) <= budget and len(count.passes) == -(-count.body_tokens // budget)
 
 
 def test_inputs_are_packed_as_a_trie_each_token_seeing_its_ancestors_only():
@@ -155,6 +159,34 @@ def test_greedy_generation_matches_generate_and_finished_rows_leave_the_batch(zo
     # one-token steps for the rows still running
     assert count.batches[:2] == [1, 16] and min(count.batches[2:]) < 16
     assert sum(count.batches) < 0.8 * 3 * 16 * 12  # every row to max_new_tokens: 3 batches x 16 rows x 12 passes
+    # continuous batching: never more than 16 rows, and no more one-token steps than decoding
+    # 16 prompts at a time (each batch running as long as its longest answer) would take
+    assert max(count.batches) <= 16
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    at_a_time = sum(max(len(after[i]) for i in order[s : s + 16]) - 1 for s in range(0, len(order), 16))
+    steps = sum(1 for rows, tokens in zip(count.batches, count.passes) if rows == tokens and rows > 1)
+    assert steps <= at_a_time, (steps, at_a_time)
+
+
+def test_waiting_prompts_join_a_running_batch_with_the_same_outputs(zoo, monkeypatch):
+    """Rows that stop at different steps (a digit as end-of-sequence) leave, waiting prompts
+    are prefilled and merged into the running batch (caches of different lengths aligned):
+    every output is the one decoding each batch alone gives."""
+    model, tok = load_model(zoo.models["add"])
+    prompts = [_scoring.encode(tok, r["prompt"], True) for r in zoo.examples("add", "test")[:40]]
+    eos = [tok.eos_token_id, _scoring.encode(tok, "1", False)[0]]
+    before = old.greedy_generate(model, prompts, max_new_tokens=8, batch_size=6, pad_id=0, eos_ids=eos)
+    merges = []
+    merge = _generate._merge
+    monkeypatch.setattr(_generate, "_merge", lambda m, a, b: merges.append((len(a.rows), len(b.rows), a.attn.shape[1], b.attn.shape[1])) or merge(m, a, b))
+    after = _generate.greedy_generate(model, prompts, max_new_tokens=8, batch_size=6, pad_id=0, eos_ids=eos)
+    def upto_eos(tokens):  # generate pads a finished row until its batch ends
+        ends = [j for j, t in enumerate(tokens) if t in eos]
+        return tokens[: ends[0] + 1] if ends else tokens
+
+    assert after == [upto_eos(b) for b in before]
+    assert len({len(a) for a in after}) > 2  # rows did stop at different steps
+    assert merges and all(a + b <= 6 for a, b, _, _ in merges) and any(la != lb for _, _, la, lb in merges)
 
 
 def test_a_batchs_common_prompt_prefix_is_shared_and_each_prompt_keeps_a_token():
