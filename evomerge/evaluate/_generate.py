@@ -1,7 +1,8 @@
 """Greedy decoding on a live causal LM: continuous batching, a KV cache, finished rows
 leave the batch and waiting prompts take their places.
 
-Prompts wait in a queue sorted by length. A batch of at most ``batch_size`` rows is
+Prompts wait in a queue, longest expected answer first (when the caller knows the
+targets), then longest prompt. A batch of at most ``batch_size`` rows is
 decoded one token per row per forward pass. A row stops at an end-of-sequence id, at
 ``max_new_tokens``, or when its text holds the stop string, and leaves the batch at once
 (its rows of the cache are dropped). Once half the batch has left, waiting prompts are
@@ -40,9 +41,14 @@ def greedy_generate(
     eos_ids: Optional[list[int]],
     stop: Optional[str] = None,
     tokenizer: Any = None,
+    expected: Optional[Sequence[int]] = None,
 ) -> list[list[int]]:
     """Each prompt's greedy continuation, up to and including its end-of-sequence token or
-    the token that completes ``stop`` (decoded with ``tokenizer``), at most ``max_new_tokens``."""
+    the token that completes ``stop`` (decoded with ``tokenizer``), at most ``max_new_tokens``.
+
+    ``expected`` (an evaluator's target lengths, in tokens) orders the queue, longest
+    first, so that long answers start early and short ones fill the last steps, instead
+    of a few long ones running alone at the end. Outputs do not depend on it."""
     if stop and tokenizer is None:
         raise ValueError("a stop string needs the tokenizer to read the generated text")
     out: list[list[int]] = [[] for _ in prompts]
@@ -50,7 +56,7 @@ def greedy_generate(
         return out
     inner, cache_kw, keep_kw = _call_names(model)
     eos = set(eos_ids or ())
-    queue = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    queue = sorted(range(len(prompts)), key=lambda i: (-(expected[i] if expected is not None else 0), -len(prompts[i])))
     live: Optional[_Batch] = None
     while queue or live is not None:
         if queue and (live is None or len(live.rows) <= batch_size // 2):

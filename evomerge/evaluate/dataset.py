@@ -243,6 +243,7 @@ class DatasetEvaluator(Evaluator):
             eos_ids=eos,
             stop=c.stop or None,
             tokenizer=tokenizer,
+            expected=[len(enc["forced"][i][1]) for i in idx],  # the target's tokens: long answers start first
         )
         texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
         scores: dict[str, list[float]] = {m: [] for m in self._base}
