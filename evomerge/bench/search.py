@@ -38,8 +38,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
@@ -50,6 +51,32 @@ _STAMP = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 #: the skills the timed search merges (their specialists and evaluators)
 SKILLS = ("add", "reverse", "sort", "count")
+
+
+@contextmanager
+def bench_workdir(workdir: Optional[Path], prefix: str) -> Iterator[Path]:
+    """``workdir`` (created), or a temporary folder removed afterwards."""
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        yield Path(workdir)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+@contextmanager
+def local_ray() -> Iterator[None]:
+    """A local Ray cluster on every core for the block, unless one is running already."""
+    import ray
+
+    own = not ray.is_initialized()
+    if own:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        if own:
+            ray.shutdown()
 
 
 class _Recorder:
@@ -141,8 +168,6 @@ def bench_search(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark; returns the table as a dict (see the module docstring)."""
-    import ray
-
     from evomerge.bench.quality import check_optimizers
     from evomerge.errors import ConfigError
     from evomerge.zoo import load_zoo, zoo
@@ -159,17 +184,8 @@ def bench_search(
         raise ConfigError(f"--memory-params must be 0 (skip the memory probe) or a model size, got {memory_params:g}")
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)  # any complete zoo will do
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="evomerge-bench-search-")
-        workdir = Path(tmp.name)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    own_ray = not ray.is_initialized()
-    try:
-        if own_ray:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-        try:
+    with bench_workdir(workdir, "evomerge-bench-search-") as workdir:
+        with local_ray():
             cfg = _zoo_config(z, workdir, trials=trials, optimizer=optimizer, limit=limit)
             rows = [_measure(cfg, workdir, "serial", 1, cpus_per_worker, progress)]
             for k in ray_workers:
@@ -180,14 +196,8 @@ def bench_search(
             memory = None
             if memory_params and len(ray_workers) >= 2:
                 memory = _memory_probe(workdir, int(memory_params), memory_trials, sorted(ray_workers)[:2], cpus_per_worker, progress)
-        finally:
-            if own_ray:
-                ray.shutdown()
         # in a fresh process: the driver's memory is a driver's, not this benchmark's
         members = _in_fresh_process(workdir, int(members_params), members_trials, cpus_per_worker, progress) if members_params else None
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     by = {r["executor"]: r for r in rows}
     result: dict[str, Any] = {
         "zoo": str(z.root),
@@ -450,13 +460,8 @@ def _in_fresh_process(workdir: Path, n_params: int, trials: int, cpus: float, pr
 
 
 def _members_main(args: dict) -> dict[str, Any]:
-    import ray
-
-    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray():
         return _members_probe(Path(args["workdir"]), args["params"], args["trials"], args["cpus"], args["progress"])
-    finally:
-        ray.shutdown()
 
 
 def _memory_probe(workdir: Path, n_params: int, trials: int, ks: list[int], cpus: float, progress: bool) -> dict[str, Any]:

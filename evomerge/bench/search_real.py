@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -54,10 +53,8 @@ def bench_search_real(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run both sides; returns the table as a dict (see the module docstring)."""
-    import ray
-
     from evomerge.bench.quality import check_optimizers
-    from evomerge.bench.search import _measure
+    from evomerge.bench.search import _measure, bench_workdir, local_ray
     from evomerge.zoo import load_zoo
 
     check_optimizers([optimizer], flag="--optimizer")
@@ -74,26 +71,11 @@ def bench_search_real(
     if z is None or not z.manifest.get("real"):
         raise ConfigError(f"--real: {family} holds no complete real family (build it with `evomerge zoo --real {family}` or `make real-zoo`)")
 
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="evomerge-bench-search-real-")
-        workdir = Path(tmp.name)
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with bench_workdir(workdir, "evomerge-bench-search-real-") as workdir:
         cfg = _config(z, workdir, trials=trials, optimizer=optimizer, limit=limit)
-        own_ray = not ray.is_initialized()
-        if own_ray:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-        try:
+        with local_ray():
             ours = _measure(cfg, workdir, "ray", workers, 1.0, progress, name="real")
-        finally:
-            if own_ray:
-                ray.shutdown()
         loop = _mergekit_loop(Path(ours["run_dir"]), workdir / "loop", mergekit, loop_candidates, progress)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     ours_per_hour = 60.0 * ours["candidates_per_minute"]
     return {
         "family": str(z.root),
