@@ -89,11 +89,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     se = bsub.add_parser(
         "search",
-        help="search throughput and worker memory: serial, ray x1, ray x2 on the zoo",
+        help="search throughput and worker memory: serial, ray x1, ray x2 on the zoo; --real: against the mergekit-yaml loop",
         description="Run the same search on the offline zoo with the serial executor and with Ray "
         "(1 and 2 workers by default): candidates per minute, the share of worker time spent outside "
         "merge + evaluate (steady state: after actor start-up and one warm-up job per worker), and "
-        "resident memory per worker; then what an extra worker adds in memory on a larger synthetic model.",
+        "resident memory per worker; then what an extra worker adds in memory on a larger synthetic model. "
+        "With --real DIR: the search of examples/real_llm.yaml on that real family against the loop a user would "
+        "write around mergekit (mergekit-yaml to disk, from_pretrained, the same evaluators) on the same recipes: "
+        "candidates per hour of both, their ratio, and evomerge's time outside merge and evaluate.",
     )
     se.add_argument("--zoo", type=Path, default=Path("zoo"), help="zoo folder, built if missing (default: zoo)")
     se.add_argument("--trials", type=int, default=24, help="trials per timed search (default: 24)")
