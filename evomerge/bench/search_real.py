@@ -32,12 +32,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from evomerge.errors import ConfigError
 
 #: where ``make parity`` installs mergekit (its own environment)
 DEFAULT_MERGEKIT = Path(".venv-mergekit/bin/mergekit-yaml")
+#: the search space of examples/real_llm.yaml
+SEARCH_SPACE = "ties_blockwise"
 
 
 def bench_search_real(
@@ -80,7 +80,7 @@ def bench_search_real(
     return {
         "family": str(z.root),
         "skills": list(z.skills),
-        "search_space": "ties_blockwise",
+        "search_space": SEARCH_SPACE,
         "optimizer": optimizer,
         "limit": limit,
         "cpu_count": os.cpu_count(),
@@ -92,41 +92,27 @@ def bench_search_real(
 
 
 def _config(z: Any, workdir: Path, *, trials: int, optimizer: str, limit: Optional[int]) -> Path:
-    """examples/real_llm.yaml on this family: same space and evaluators, validation only
-    (the loop scores no held-out split either), the optimizer and budget of this run."""
-    from evomerge.evaluate import build_evaluator
+    """examples/real_llm.yaml on this family (bench quality's search config with its space):
+    validation only, since the loop scores no held-out split either."""
+    from evomerge.bench.quality import search_config, write_config
 
-    objectives = [{"metric": f"{s}/{m}", "direction": d} for s in z.skills for m, d in build_evaluator(z.preset(s)).metrics.items()]
-    data = {
-        "name": "bench-search-real",
-        "sources": {"base_model": str(z.base), "models": [str(z.models[s]) for s in z.skills]},
-        "search_space": "ties_blockwise",
-        "evaluators": [{"preset": z.preset(s), "name": s, "split": "validation", **({"limit": limit} if limit else {})} for s in z.skills],
-        "objectives": objectives,
-        "optimizer": {"name": optimizer, **({"options": {"popsize": 8}} if optimizer == "cma" else {})},
-        "budget": {"trials": trials},
-        "seed": 0,
-    }
-    if optimizer in ("cma", "cmaes"):  # a single-objective optimizer searches the mean, as the example does
-        data["scalarization"] = {"kind": "weighted_sum", "weights": [1.0 / len(objectives)] * len(objectives)}
-    path = workdir / "real_search.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    data = search_config(z, z.skills, optimizer=optimizer, trials=trials, limit=limit, search_space=SEARCH_SPACE)
+    for e in data["evaluators"]:
+        e["holdout_split"] = None
+    del data["budget"]["holdout_share"]
+    return write_config(data, workdir, "real_search")
 
 
 def _mergekit_loop(run_dir: Path, folder: Path, mergekit: Path, n: int, progress: bool) -> dict[str, Any]:
     """mergekit-yaml, from_pretrained and the same evaluators on the search's first ``n``
     scored recipes, one after the other, on every core."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from evomerge import record
-    from evomerge.evaluate import build_evaluator
+    from evomerge.evaluate import build_evaluator, load_model
     from evomerge.merge.recipe import Recipe
     from evomerge.run.api import open_search
 
-    hf_logging.disable_progress_bar()
     run = open_search(run_dir)
     done = [t for t in run.load_study().trials if record.scores(t) is not None and record.get(t, "recipe") is not None]
     done.sort(key=lambda t: t.number)
@@ -152,8 +138,7 @@ def _mergekit_loop(run_dir: Path, folder: Path, mergekit: Path, n: int, progress
             if proc.returncode != 0:
                 raise RuntimeError(f"mergekit-yaml failed on {path} (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
             t1 = time.perf_counter()
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-            tokenizer = AutoTokenizer.from_pretrained(out)
+            model, tokenizer = load_model(out)  # from_pretrained, float32, eval mode
             t2 = time.perf_counter()
             scores = {}
             for name, ev, limit in evaluators:
