@@ -71,6 +71,8 @@ class DatasetConfig(EvaluatorConfigBase):
     stop: Optional[str] = "\n"  # generate: where an answer ends
     max_new_tokens: int = Field(default=32, ge=1)
     regex: Optional[str] = None  # generate: regex_match extracts the answer with it
+    # generate: exact match alone is scored token for token by default (auto, one teacher-
+    # forced pass); greedy compares the decoded text, as lm-eval does
     decoding: Literal["auto", "greedy", "teacher_forced"] = "auto"
     # default: the mode's metrics; a mapping renames them ({accuracy: exact_match})
     metrics: Optional[Union[List[str], Dict[str, str]]] = None

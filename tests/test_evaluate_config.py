@@ -104,6 +104,8 @@ def test_metric_that_no_evaluator_produces(tmp_path, capsys, no_model, data):
         ("kind: dataset\nmode: generate\ntarget: '{}'\ndata_files: {test: DATA}\nsplit: test\n", "target: template"),
         ("kind: dataset\nmode: multiple_choice\ndata_files: {test: DATA}\nsplit: test\nchoices: options\nlabel: '{answer}'\n", "choices: field 'options' is not in the data"),
         ("kind: dataset\nmode: generate\ntarget: x\ndata_files: {test: DATA}\nsplit: test\nbatchsize: 3\n", "batchsize: unknown field"),
+        ("kind: dataset\nmode: generate\ntarget: x\ndata_files: {test: DATA}\nsplit: test\ndecoding: teacher_forced\nmetrics: [exact_match, contains]\n",
+         "decoding: teacher_forced scores exact_match only, not contains"),
         ("kind: python\nfunction: evomerge.nowhere:score\nmetrics: {s: maximize}\n", "cannot import module 'evomerge.nowhere'"),
         ("kind: python\nfunction: json:nothing_here\nmetrics: {s: maximize}\n", "'json' has no function 'nothing_here'"),
         ("kind: python\nfunction: json:dumps\n", "metrics: declare the metrics"),

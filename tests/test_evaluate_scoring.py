@@ -86,9 +86,16 @@ def test_multiple_choice_packs_each_prompt_once_and_matches_the_old_scorer(zoo):
     # the head at scored positions only, once per distinct predicting prefix
     predicting = len({tuple((c + k)[: len(c) + j]) for c, k in pairs for j in range(len(k))})
     assert predicting <= count.head_rows <= min(int(n0.sum()), 1.05 * predicting)
-    # passes of full rows, as many as the CPU's token budget per pass asks
+    # passes of full rows, as many as the CPU's token budget per pass asks, and one more
+    # for a last, partly filled row (padded to its batch's width, it would cost more)
     budget = _scoring.CPU_TOKENS_BUDGET
-    assert max(count.passes) <= budget and len(count.passes) == -(-count.body_tokens // budget)
+    assert max(count.passes) <= budget and len(count.passes) <= -(-count.body_tokens // budget) + 1
+
+
+def test_a_short_row_is_not_padded_to_a_wide_batch():
+    rows = [_scoring._Row(ids=[0] * n) for n in (256, 250, 240, 100, 90)]
+    assert [[len(r) for r in b] for b in _scoring._batches(rows, batch_size=8, tokens_budget=1024)] == [[256, 250, 240], [100, 90]]
+    assert [[len(r) for r in b] for b in _scoring._batches(rows, batch_size=2, tokens_budget=1024)] == [[256, 250], [240], [100, 90]]
 
 
 def test_inputs_are_packed_as_a_trie_each_token_seeing_its_ancestors_only():
@@ -131,6 +138,8 @@ def test_teacher_forced_and_perplexity_requests_match_the_old_scorer(zoo):
     ll1, g1, n1 = _scoring.loglikelihoods(model, pairs, batch_size=64, pad_id=0)
     np.testing.assert_allclose(ll1, ll0, rtol=1e-5, atol=1e-4)
     assert (g1 == g0).all() and (n1 == n0).all() and g0[:100].mean() > 0.9
+    best = _scoring.argmax_tokens(model, pairs, batch_size=64, pad_id=0)
+    assert [len(b) for b in best] == list(n0) and [b == c for b, (_, c) in zip(best, pairs)] == list(g0)
 
 
 def _cut(text: str, stop: str) -> str:
@@ -155,9 +164,11 @@ def test_greedy_generation_matches_generate_and_finished_rows_leave_the_batch(zo
     assert got == want and np.mean([g == r["answer"] for g, r in zip(got, rows)]) > 0.8
     assert all(stop in t for t in tok.batch_decode(after)), "every row stopped at its stop string"
     assert all(len(a) <= len(b) for a, b in zip(after, before))
-    # per batch of 16: the prompts' common prefix (one row), the rest of the prompts, then
-    # one-token steps for the rows still running
-    assert count.batches[:2] == [1, 16] and min(count.batches[2:]) < 16
+    # per batch of 16: the prompts' common prefix when it saves more than a pass of its
+    # own costs ("SORT ": 15 x 5 tokens; "ADD ": 15 x 4, not), the rest of the prompts,
+    # then one-token steps for the rows still running
+    first = 1 if 15 * len(skill.upper() + " ") >= _scoring.PASS_TOKENS else 0
+    assert count.batches[: first + 1] == [1] * first + [16] and min(count.batches[first + 1 :]) < 16
     assert sum(count.batches) < 0.8 * 3 * 16 * 12  # every row to max_new_tokens: 3 batches x 16 rows x 12 passes
     # continuous batching: never more than 16 rows, and no more one-token steps than decoding
     # 16 prompts at a time (each batch running as long as its longest answer) would take
@@ -189,6 +200,21 @@ def test_waiting_prompts_join_a_running_batch_with_the_same_outputs(zoo, monkeyp
     assert merges and all(a + b <= 6 for a, b, _, _ in merges) and any(la != lb for _, _, la, lb in merges)
 
 
+def test_a_long_common_prompt_prefix_runs_once_for_the_batch(zoo):
+    model, tok = load_model(zoo.models["add"])
+    prompts = [_scoring.encode(tok, "ADD ADD ADD " + r["prompt"], True) for r in zoo.examples("add", "test")[:16]]
+    eos = [tok.eos_token_id]
+    before = old.greedy_generate(model, prompts, max_new_tokens=6, batch_size=16, pad_id=0, eos_ids=eos)
+    count = _Count(model)
+    try:
+        after = _generate.greedy_generate(model, prompts, max_new_tokens=6, batch_size=16, pad_id=0, eos_ids=eos)
+    finally:
+        count.close()
+    shared = _generate._shared_prefix(prompts)
+    assert shared >= 12 and count.batches[:2] == [1, 16] and count.passes[0] == shared
+    assert after == [b[: len(a)] for a, b in zip(after, before)] and all(len(a) == 6 or a[-1] in eos for a in after)
+
+
 def test_a_batchs_common_prompt_prefix_is_shared_and_each_prompt_keeps_a_token():
     assert _generate._shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert _generate._shared_prefix([[1, 2], [1, 2]]) == 1  # the last token gives the first logits
@@ -201,6 +227,72 @@ def test_generate_mode_evaluator_scores_as_before(zoo):
     got = ev.evaluate(model, tok, limit=100)
     forced = build_evaluator("zoo_add", split="test").evaluate(model, tok, limit=100)["accuracy"]
     assert got["exact_match"] == forced and got["contains"] >= got["exact_match"]
+
+
+def test_started_tokens_count_as_generated_and_decided_rows_stop_early(zoo):
+    model, tok = load_model(zoo.models["add"])
+    prompts = [_scoring.encode(tok, r["prompt"], True) for r in zoo.examples("add", "test")[:24]]
+    kw = dict(max_new_tokens=8, batch_size=8, pad_id=0, eos_ids=[tok.eos_token_id], stop="\n", tokenizer=tok)
+    full = _generate.greedy_generate(model, prompts, **kw)
+    assert _generate.greedy_generate(model, prompts, started=[f[:2] for f in full], **kw) == full
+    count = _Count(model)
+    try:  # rows whose first token is known to settle them are never run
+        cut = _generate.greedy_generate(model, prompts, started=[f[:1] for f in full], decided=lambda i, t: i % 2 == 0, **kw)
+    finally:
+        count.close()
+    assert cut == [f[:1] if i % 2 == 0 else f for i, f in enumerate(full)]
+    prefilled = sum(b for b, n in zip(count.batches, count.passes) if n > b > 1)
+    assert prefilled == 12 and max(count.batches) <= 8  # the 12 odd rows only
+
+
+def test_greedy_exact_match_checks_targets_first_and_decodes_only_answers_that_can_still_match(zoo):
+    """``decoding: greedy`` with exact match alone: one teacher-forced pass gives each row's
+    first greedy tokens, and only rows whose text is still a start of the target decode on.
+    The score is the text's, as decoding every row gives; it does not depend on how the
+    target is spelled in tokens (teacher forcing does)."""
+    model, tok = load_model(zoo.models["add"])
+    checked = build_evaluator("zoo_add", split="test", decoding="greedy")
+    full = build_evaluator("zoo_add", split="test", decoding="greedy", metrics=["exact_match", "contains"])
+    counts = []
+    for ev in (checked, full):
+        count = _Count(model)
+        try:
+            got = ev.evaluate(model, tok, limit=120)
+        finally:
+            count.close()
+        counts.append((got["accuracy" if ev is checked else "exact_match"], sum(1 for b, n in zip(count.batches, count.passes) if b == n and b > 1)))
+    (score, steps), (want, full_steps) = counts
+    assert score == want and 0.5 < score < 1.0  # some answers wrong: both kinds of rows are scored
+    assert steps < full_steps / 3, (steps, full_steps)  # right answers cost no decode step
+    # the same targets spelled with an extra empty token: teacher forcing fails every row,
+    # the greedy text still matches
+    forced = build_evaluator("zoo_add", split="test", decoding="teacher_forced")
+    for ev in (checked, forced):
+        enc = ev._encode(tok)
+        enc["forced"] = [(ctx, [tok.pad_token_id] + cont) for ctx, cont in enc["forced"]]
+    assert checked.evaluate(model, tok, limit=120)["accuracy"] == want
+    assert forced.evaluate(model, tok, limit=120)["accuracy"] == 0.0
+
+
+def test_an_answer_is_settled_once_its_text_leaves_the_target(zoo):
+    from evomerge.evaluate.dataset import _greedy_start
+
+    assert _greedy_start([5, 6, 7], [5, 6, 7]) == [5, 6, 7]
+    assert _greedy_start([5, 6, 7], [5, 9, 7]) == [5, 9]
+    assert _greedy_start([5, 6, 7], [4, 6, 7]) == [4]
+    _, tok = load_model(zoo.models["add"])
+    ev = build_evaluator("zoo_add", split="test")
+    target = ev.targets[3]
+    decided = ev._cannot_match(tok, [3])
+    ids = _scoring.encode(tok, target + "\n7", False)
+    assert not decided(0, ids[:1]) and not decided(0, ids[: len(target) + 1])  # still the target, then its stop
+    assert decided(0, _scoring.encode(tok, target[:-1] + ("0" if target[-1] != "0" else "1"), False))
+
+    class HalfCharacter:  # a byte-level token that ends inside a character
+        def decode(self, tokens, skip_special_tokens=True):
+            return "\ufffd"
+
+    assert not ev._cannot_match(HalfCharacter(), [3])(0, [1])
 
 
 # ---------------------------------------------------------------- a real small LLM

@@ -190,7 +190,7 @@ def bench_evaluate_model(
         "model": str(model_dir),
         "evaluator": evaluator,
         "mode": c.mode,
-        "decoding": None if c.mode != "generate" else ("teacher_forced" if ev._teacher_forced() else "greedy"),
+        "decoding": None if c.mode != "generate" else ev.decoding_used(),
         "examples": len(rows),
         "repeats": repeats,
         "scored_tokens": scored,

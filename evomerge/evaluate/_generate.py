@@ -13,7 +13,8 @@ the number of steps, not the number of rows, sets the time: a batch no longer ru
 as long as its longest answer while most of its rows are done.
 
 A prefill runs the tokens its prompts all start with (an instruction, a question's first
-words) once, for one row, and copies their cache to every row; the rest of each prompt
+words) once, for one row, and copies their cache to every row (when that saves more
+work than the extra pass costs); the rest of each prompt
 runs after them, left-padded, with the LM head at its last position only. Positions and
 the attention mask come from the padding, as ``generate`` does, so each row's numbers are
 those of its prompt alone.
@@ -23,11 +24,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from evomerge.evaluate._scoring import common_prefix, device_of
+from evomerge.evaluate._scoring import PASS_TOKENS, common_prefix, device_of
 
 
 @torch.inference_mode()
@@ -42,13 +43,22 @@ def greedy_generate(
     stop: Optional[str] = None,
     tokenizer: Any = None,
     expected: Optional[Sequence[int]] = None,
+    started: Optional[Sequence[list[int]]] = None,
+    decided: Optional[Callable[[int, list[int]], bool]] = None,
 ) -> list[list[int]]:
     """Each prompt's greedy continuation, up to and including its end-of-sequence token or
     the token that completes ``stop`` (decoded with ``tokenizer``), at most ``max_new_tokens``.
 
     ``expected`` (an evaluator's target lengths, in tokens) orders the queue, longest
     first, so that long answers start early and short ones fill the last steps, instead
-    of a few long ones running alone at the end. Outputs do not depend on it."""
+    of a few long ones running alone at the end. Outputs do not depend on it.
+
+    ``started`` holds each row's first output tokens where the caller already knows them
+    (a teacher-forced pass over its target gives greedy's first tokens: the target's while
+    they are the argmax, then the argmax): they count as generated, and a row that goes
+    on is prefilled with them after its prompt. ``decided(i, tokens)`` ends row ``i`` as
+    soon as its output so far settles what the caller needs (an answer that can no longer
+    equal its target); that row's output is then cut short."""
     if stop and tokenizer is None:
         raise ValueError("a stop string needs the tokenizer to read the generated text")
     out: list[list[int]] = [[] for _ in prompts]
@@ -56,13 +66,30 @@ def greedy_generate(
         return out
     inner, cache_kw, keep_kw = _call_names(model)
     eos = set(eos_ids or ())
-    queue = sorted(range(len(prompts)), key=lambda i: (-(expected[i] if expected is not None else 0), -len(prompts[i])))
+
+    def done(i: int, row: list[int]) -> bool:
+        if row[-1] in eos or len(row) >= max_new_tokens:
+            return True
+        if stop is not None and stop in tokenizer.decode(row, skip_special_tokens=True):
+            return True
+        return decided is not None and decided(i, row)
+
+    queue = []
+    for i in range(len(prompts)):
+        for t in started[i] if started is not None else ():  # known tokens, checked as if decoded
+            out[i].append(t)
+            if done(i, out[i]):
+                break
+        else:
+            queue.append(i)
+    inputs = [list(p) + out[i] for i, p in enumerate(prompts)] if started is not None else prompts
+    queue.sort(key=lambda i: (-(expected[i] if expected is not None else 0), -len(inputs[i])))
     live: Optional[_Batch] = None
     while queue or live is not None:
         if queue and (live is None or len(live.rows) <= batch_size // 2):
             take = batch_size - (len(live.rows) if live is not None else 0)
             group, queue = queue[:take], queue[take:]
-            fresh = _prefill(inner, [prompts[i] for i in group], group, pad_id, cache_kw, keep_kw)
+            fresh = _prefill(inner, [inputs[i] for i in group], group, pad_id, cache_kw, keep_kw)
             live = fresh if live is None else _merge(inner, live, fresh)
         assert live is not None
         tokens = live.logits.argmax(-1)
@@ -70,8 +97,7 @@ def greedy_generate(
         for r, t in enumerate(tokens.tolist()):
             row = out[live.rows[r]]
             row.append(t)
-            done = t in eos or len(row) >= max_new_tokens or (stop is not None and stop in tokenizer.decode(row, skip_special_tokens=True))
-            if not done:
+            if not done(live.rows[r], row):
                 keep.append(r)
         if not keep:
             live = None
@@ -132,6 +158,8 @@ def _prefill(model: Any, prompts: list[list[int]], rows: list[int], pad_id: int,
     cache = _new_cache(model)
     device = device_of(model)
     shared = _shared_prefix(prompts)
+    if (len(prompts) - 1) * shared < PASS_TOKENS:  # a pass of its own would cost more than it saves
+        shared = 0
     if shared:  # the common prefix once, its cache then repeated for every row
         model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True, **{cache_kw: cache, keep_kw: 1})
         cache.batch_repeat_interleave(len(prompts))

@@ -30,7 +30,7 @@ Three savings over one sequence per (context, continuation) pair:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ CPU_TOKENS_BUDGET = 1024
 #: Tokens per packed row: inputs go side by side up to this width (a longer one gets a row
 #: of its own width). Attention's cost per token grows with it; the padding at rows' ends shrinks.
 ROW_WIDTH = 256
+#: A forward pass's fixed cost, in tokens of work: each pass reads every weight once and
+#: runs hundreds of operators. A batch takes no row this much narrower than its widest.
+PASS_TOKENS = 64
 #: Attention-mask entries per forward pass (rows x width x width).
 MASK_BUDGET = 1 << 25
 
@@ -170,14 +173,19 @@ def _rows(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[_R
 
 def _batches(rows: list[_Row], batch_size: int, tokens_budget: int) -> list[list[_Row]]:
     """Rows sorted by width, longest first, cut into batches of at most ``batch_size`` rows,
-    ``tokens_budget`` tokens and ``MASK_BUDGET`` mask entries (padding included)."""
+    ``tokens_budget`` tokens and ``MASK_BUDGET`` mask entries (padding included). A row
+    ``PASS_TOKENS`` shorter than its batch's first (a last, partly filled row) starts a
+    batch of its own: its padding would cost more than a pass."""
     order = sorted(rows, key=len, reverse=True)
     out, i = [], 0
     while i < len(order):
         width = len(order[i])
         n = max(1, min(batch_size, tokens_budget // width, MASK_BUDGET // width**2))
-        out.append(order[i : i + n])
-        i += n
+        end = i + 1
+        while end < min(i + n, len(order)) and len(order[end]) > width - PASS_TOKENS:
+            end += 1
+        out.append(order[i:end])
+        i = end
     return out
 
 
@@ -232,6 +240,34 @@ def _model_dtype(model: Any) -> torch.dtype:
         return torch.float32
 
 
+def _scored_passes(model: Any, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, pad_id: int, log_probs: bool) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+    """Per forward pass, for each continuation token it scores (a request's tokens in
+    order): the request, the argmax token where it stands, whether that is the token,
+    and its log-probability (when ``log_probs``)."""
+    device, dtype = device_of(model), _model_dtype(model)
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 32000)
+    chunk = max(1, LOGITS_BUDGET // vocab)
+    # a model run whole computes the logits at every position
+    budget = CPU_TOKENS_BUDGET if device.type == "cpu" else TOKENS_BUDGET
+    tokens_budget = budget if body_and_head(model) is not None else max(1, min(budget, LOGITS_BUDGET // vocab))
+    for batch in _batches(_rows(pairs, model_max_length(model)), batch_size, tokens_budget):
+        packed = _pack(batch, pad_id, dtype)
+        logits_of = _logits_fn(model, packed, device)
+        # the head once per distinct predicting position (choices that share a prefix share it)
+        where, inverse = torch.unique(packed.rows * packed.ids.shape[1] + packed.cols, return_inverse=True)
+        where, inverse, targets = where.to(device), inverse.to(device), packed.targets.to(device)
+        tok_lp = torch.empty(len(targets), dtype=torch.float32, device=device)
+        best = torch.empty(len(targets), dtype=torch.long, device=device)
+        for s in range(0, len(where), chunk):
+            logits = logits_of(where[s : s + chunk] // packed.ids.shape[1], where[s : s + chunk] % packed.ids.shape[1])
+            sel = ((inverse >= s) & (inverse < s + chunk)).nonzero(as_tuple=True)[0]
+            at = inverse[sel] - s
+            if log_probs:
+                tok_lp[sel] = torch.log_softmax(logits, dim=-1)[at, targets[sel]]
+            best[sel] = logits.argmax(-1)[at]
+        yield packed.owner.numpy(), best.cpu().numpy(), (best == targets).cpu().numpy(), (tok_lp.double().cpu().numpy() if log_probs else None)
+
+
 @torch.inference_mode()
 def loglikelihoods(
     model: Any,
@@ -249,30 +285,19 @@ def loglikelihoods(
     ll = np.zeros(n, dtype=np.float64)
     greedy = np.ones(n, dtype=bool)
     counts = np.zeros(n, dtype=np.int64)
-    if n == 0:
-        return ll, greedy, counts
-    device, dtype = device_of(model), _model_dtype(model)
-    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 32000)
-    chunk = max(1, LOGITS_BUDGET // vocab)
-    # a model run whole computes the logits at every position
-    budget = CPU_TOKENS_BUDGET if device.type == "cpu" else TOKENS_BUDGET
-    tokens_budget = budget if body_and_head(model) is not None else max(1, min(budget, LOGITS_BUDGET // vocab))
-    for batch in _batches(_rows(pairs, model_max_length(model)), batch_size, tokens_budget):
-        packed = _pack(batch, pad_id, dtype)
-        logits_of = _logits_fn(model, packed, device)
-        # the head once per distinct predicting position (choices that share a prefix share it)
-        where, inverse = torch.unique(packed.rows * packed.ids.shape[1] + packed.cols, return_inverse=True)
-        where, inverse, targets = where.to(device), inverse.to(device), packed.targets.to(device)
-        tok_lp = torch.empty(len(targets), dtype=torch.float32, device=device)
-        hit = torch.empty(len(targets), dtype=torch.bool, device=device)
-        for s in range(0, len(where), chunk):
-            logits = logits_of(where[s : s + chunk] // packed.ids.shape[1], where[s : s + chunk] % packed.ids.shape[1])
-            sel = ((inverse >= s) & (inverse < s + chunk)).nonzero(as_tuple=True)[0]
-            at = inverse[sel] - s
-            tok_lp[sel] = torch.log_softmax(logits, dim=-1)[at, targets[sel]]
-            hit[sel] = logits.argmax(-1)[at] == targets[sel]
-        owner = packed.owner.numpy()
-        np.add.at(ll, owner, tok_lp.double().cpu().numpy())
-        np.logical_and.at(greedy, owner, hit.cpu().numpy())
+    for owner, _, hit, tok_lp in _scored_passes(model, pairs, batch_size, pad_id, log_probs=True):
+        np.add.at(ll, owner, tok_lp)
+        np.logical_and.at(greedy, owner, hit)
         np.add.at(counts, owner, 1)
     return ll, greedy, counts
+
+
+@torch.inference_mode()
+def argmax_tokens(model: Any, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int, pad_id: int = 0) -> list[list[int]]:
+    """Per pair, the argmax token at each position of its continuation (given the context
+    and the continuation before it): the same packed passes, without the log-softmax."""
+    out: list[list[int]] = [[] for _ in pairs]
+    for owner, best, _, _ in _scored_passes(model, pairs, batch_size, pad_id, log_probs=False):
+        for o, b in zip(owner.tolist(), best.tolist()):
+            out[o].append(b)
+    return out

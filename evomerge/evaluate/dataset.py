@@ -12,10 +12,15 @@ Modes and their metrics:
 
 When ``exact_match`` is the only metric, greedy decoding is replaced by one
 teacher-forced forward pass over prompt + target + stop (+ the end-of-sequence token
-when there is no stop): greedy decoding yields the target followed by the stop exactly
-when each of those tokens is the argmax at its position, so the score is the same,
-without a Python loop over generated tokens. (Token for token: with a tokenizer that
-could spell the target in two ways, ``decoding: greedy`` compares the text instead.)
+when there is no stop; ``decoding: auto``): greedy decoding yields the target followed by
+the stop exactly when each of those tokens is the argmax at its position, so the score is
+the same, without a Python loop over generated tokens. That is token for token: with a
+tokenizer that can spell the target in two ways (" DLV" as " D" + "LV" or " DL" + "V"),
+a model that writes the other spelling is counted wrong. ``decoding: greedy`` compares
+the text, as lm-eval does, at nearly the same cost for exact match alone: the same pass
+gives each row's first greedy tokens (the target's while they are the argmax, then the
+argmax), and only the rows whose text is still a start of target + stop decode on, each
+until its text leaves the target or stops. With other metrics every row decodes to its end.
 
 Everything that does not need a model happens at build time: the data is loaded, the
 templates are checked against its columns, the texts are rendered. Token ids are
@@ -87,6 +92,9 @@ class DatasetEvaluator(Evaluator):
             raise ConfigError(f"{w}: target: generate mode needs a target template")
         if c.mode == "multiple_choice" and (c.choices is None or c.label is None):
             raise ConfigError(f"{w}: {'choices' if c.choices is None else 'label'}: multiple_choice mode needs choices and label")
+        if c.mode == "generate" and c.decoding == "teacher_forced" and self._base != {"exact_match"}:
+            others = sorted(self._base - {"exact_match"})
+            raise ConfigError(f"{w}: decoding: teacher_forced scores exact_match only, not {', '.join(others)} (use greedy or auto)")
         if "regex_match" in self._base and not c.regex:
             raise ConfigError(f"{w}: regex: the regex_match metric needs a regex")
         if c.regex:
@@ -221,15 +229,24 @@ class DatasetEvaluator(Evaluator):
             if was_training:
                 model.train()
 
-    def _teacher_forced(self) -> bool:
+    def decoding_used(self) -> str:
+        """How ``generate`` scores: ``teacher_forced`` (one pass, the target's tokens must
+        be the argmax) or ``greedy`` (the text greedy decoding writes)."""
         c = self.config
-        return c.decoding == "teacher_forced" or (c.decoding == "auto" and self._base == {"exact_match"})
+        return "teacher_forced" if c.decoding == "teacher_forced" or (c.decoding == "auto" and self._base == {"exact_match"}) else "greedy"
 
     def _generate(self, model: Any, tokenizer: Any, enc: dict, idx: list[int], pad: int) -> dict[str, float]:
         c = self.config
-        if self._teacher_forced():
+        if self.decoding_used() == "teacher_forced":
             _, greedy, _ = _scoring.loglikelihoods(model, [enc["forced"][i] for i in idx], batch_size=c.batch_size, pad_id=pad)
             return {"exact_match": float((np.asarray(greedy, dtype=bool) & enc["forced_possible"][idx]).mean())}
+        # exact match alone: one teacher-forced pass over the targets gives each row's first
+        # greedy tokens; only rows whose text can still equal the target decode on
+        checked = self._base == {"exact_match"}
+        started = None
+        if checked:
+            best = _scoring.argmax_tokens(model, [enc["forced"][i] for i in idx], batch_size=c.batch_size, pad_id=pad)
+            started = [_greedy_start(enc["forced"][i][1], b) for i, b in zip(idx, best)]
         stop_ids = _scoring.encode(tokenizer, c.stop, False) if c.stop else []
         eos = [stop_ids[0]] if len(stop_ids) == 1 else []
         if tokenizer.eos_token_id is not None:
@@ -244,6 +261,8 @@ class DatasetEvaluator(Evaluator):
             stop=c.stop or None,
             tokenizer=tokenizer,
             expected=[len(enc["forced"][i][1]) for i in idx],  # the target's tokens: long answers start first
+            started=started,
+            decided=self._cannot_match(tokenizer, idx) if checked else None,
         )
         texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
         scores: dict[str, list[float]] = {m: [] for m in self._base}
@@ -261,6 +280,18 @@ class DatasetEvaluator(Evaluator):
                 got = (m.group(1) if m.groups() else m.group(0)) if m else None
                 scores["regex_match"].append(float(got == target))
         return {m: float(np.mean(v)) for m, v in scores.items()}
+
+    def _cannot_match(self, tokenizer: Any, idx: list[int]) -> Any:
+        """``decided`` for exact match: row ``r``'s answer can no longer equal its target
+        once its text is not a start of target + stop. Text that ends inside a character
+        (a byte-level token's half) is never taken as settled."""
+        ends = [self.targets[i] + (self.config.stop or "") for i in idx]
+
+        def decided(r: int, tokens: list[int]) -> bool:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            return not ends[r].startswith(text) and "\ufffd" not in text
+
+        return decided
 
     def _multiple_choice(self, model: Any, enc: dict, idx: list[int], pad: int) -> dict[str, float]:
         c = self.config
@@ -282,6 +313,15 @@ class DatasetEvaluator(Evaluator):
         if total == 0:
             raise EvaluationError(f"{self.where}: no tokens to score")
         return {"perplexity": float(math.exp(-float(ll.sum()) / total))}
+
+
+def _greedy_start(target: list[int], best: list[int]) -> list[int]:
+    """The first tokens greedy decoding writes, from the argmax at each target position:
+    the target's tokens while they are the argmax, then the argmax where one is not."""
+    for j, (t, b) in enumerate(zip(target, best)):
+        if t != b:
+            return target[:j] + [b]
+    return list(target)
 
 
 def _resolve_files(files: Any, base_dir: Path, where: str) -> Any:
