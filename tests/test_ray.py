@@ -305,6 +305,29 @@ def test_bench_search_table_and_json_shape():
     assert json.loads(json.dumps(result)) == result
 
 
+def test_bench_search_rows_name_a_run_folder_only_when_it_is_kept(tmp_path, monkeypatch):
+    """Rows carry ``run_dir`` for a ``--workdir`` the user keeps, not for the temporary
+    folder the benchmark deletes when it returns."""
+    import contextlib
+
+    from evomerge import zoo as zoo_module
+    from evomerge.bench import search as bench
+
+    def measure(cfg, workdir, kind, k, *args, **kwargs):
+        assert Path(workdir).is_dir()
+        return {"executor": f"{kind} x{k}", "workers": k, "candidates_per_minute": 10.0 * k, "merged_model_bytes": 1, "run_dir": str(Path(workdir) / f"{kind}{k}")}
+
+    monkeypatch.setattr(zoo_module, "load_zoo", lambda *a, **k: type("Z", (), {"root": tmp_path})())
+    monkeypatch.setattr(bench, "_zoo_config", lambda *a, **k: tmp_path / "cfg.yaml")
+    monkeypatch.setattr(bench, "_measure", measure)
+    monkeypatch.setattr(bench, "local_ray", contextlib.nullcontext)
+    kw = dict(ray_workers=[1, 2], memory_params=0, holdout=False, progress=False)
+    gone = bench.bench_search(zoo_dir=tmp_path / "zoo", **kw)
+    assert len(gone["rows"]) == 3 and not any("run_dir" in r for r in gone["rows"])
+    kept = bench.bench_search(zoo_dir=tmp_path / "zoo", workdir=tmp_path / "work", **kw)
+    assert [r["run_dir"] for r in kept["rows"]] == [str(tmp_path / "work" / n) for n in ("serial1", "ray1", "ray2")]
+
+
 def test_resume_can_move_a_run_to_another_executor_for_one_session(family, tmp_path, monkeypatch, capsys):
     """resume takes the same executor options as search; the frozen config keeps the run's own."""
     seen = []

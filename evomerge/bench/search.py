@@ -184,6 +184,7 @@ def bench_search(
         raise ConfigError(f"--memory-params must be 0 (skip the memory probe) or a model size, got {memory_params:g}")
     z = load_zoo(zoo_dir, quiet=True) or zoo(zoo_dir, progress=progress)  # any complete zoo will do
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    kept = workdir is not None  # a temporary folder is gone once the benchmark returns
     with bench_workdir(workdir, "evomerge-bench-search-") as workdir:
         with local_ray():
             cfg = _zoo_config(z, workdir, trials=trials, optimizer=optimizer, limit=limit)
@@ -198,6 +199,9 @@ def bench_search(
                 memory = _memory_probe(workdir, int(memory_params), memory_trials, sorted(ray_workers)[:2], cpus_per_worker, progress)
         # in a fresh process: the driver's memory is a driver's, not this benchmark's
         members = _in_fresh_process(workdir, int(members_params), members_trials, cpus_per_worker, progress) if members_params else None
+    if not kept:
+        for r in rows:
+            r.pop("run_dir", None)
     by = {r["executor"]: r for r in rows}
     result: dict[str, Any] = {
         "zoo": str(z.root),
