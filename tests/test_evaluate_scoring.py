@@ -280,19 +280,13 @@ def test_an_answer_is_settled_once_its_text_leaves_the_target(zoo):
     assert _greedy_start([5, 6, 7], [5, 6, 7]) == [5, 6, 7]
     assert _greedy_start([5, 6, 7], [5, 9, 7]) == [5, 9]
     assert _greedy_start([5, 6, 7], [4, 6, 7]) == [4]
-    _, tok = load_model(zoo.models["add"])
     ev = build_evaluator("zoo_add", split="test")
     target = ev.targets[3]
-    decided = ev._cannot_match(tok, [3])
-    ids = _scoring.encode(tok, target + "\n7", False)
-    assert not decided(0, ids[:1]) and not decided(0, ids[: len(target) + 1])  # still the target, then its stop
-    assert decided(0, _scoring.encode(tok, target[:-1] + ("0" if target[-1] != "0" else "1"), False))
-
-    class HalfCharacter:  # a byte-level token that ends inside a character
-        def decode(self, tokens, skip_special_tokens=True):
-            return "\ufffd"
-
-    assert not ev._cannot_match(HalfCharacter(), [3])(0, [1])
+    decided = ev._cannot_match([3])
+    text = target + "\n7"
+    assert not decided(0, text[:1]) and not decided(0, text[: len(target) + 1])  # still the target, then its stop
+    assert decided(0, target[:-1] + ("0" if target[-1] != "0" else "1"))
+    assert not decided(0, "\ufffd")  # a byte-level token that ends inside a character
 
 
 # ---------------------------------------------------------------- a real small LLM

@@ -44,7 +44,7 @@ def greedy_generate(
     tokenizer: Any = None,
     expected: Optional[Sequence[int]] = None,
     started: Optional[Sequence[list[int]]] = None,
-    decided: Optional[Callable[[int, list[int]], bool]] = None,
+    decided: Optional[Callable[[int, str], bool]] = None,
 ) -> list[list[int]]:
     """Each prompt's greedy continuation, up to and including its end-of-sequence token or
     the token that completes ``stop`` (decoded with ``tokenizer``), at most ``max_new_tokens``.
@@ -56,11 +56,11 @@ def greedy_generate(
     ``started`` holds each row's first output tokens where the caller already knows them
     (a teacher-forced pass over its target gives greedy's first tokens: the target's while
     they are the argmax, then the argmax): they count as generated, and a row that goes
-    on is prefilled with them after its prompt. ``decided(i, tokens)`` ends row ``i`` as
-    soon as its output so far settles what the caller needs (an answer that can no longer
+    on is prefilled with them after its prompt. ``decided(i, text)`` ends row ``i`` as
+    soon as its text so far settles what the caller needs (an answer that can no longer
     equal its target); that row's output is then cut short."""
-    if stop and tokenizer is None:
-        raise ValueError("a stop string needs the tokenizer to read the generated text")
+    if (stop or decided is not None) and tokenizer is None:
+        raise ValueError("a stop string or a decided check needs the tokenizer to read the generated text")
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens < 1:
         return out
@@ -70,9 +70,10 @@ def greedy_generate(
     def done(i: int, row: list[int]) -> bool:
         if row[-1] in eos or len(row) >= max_new_tokens:
             return True
-        if stop is not None and stop in tokenizer.decode(row, skip_special_tokens=True):
-            return True
-        return decided is not None and decided(i, row)
+        if stop is None and decided is None:
+            return False
+        text = tokenizer.decode(row, skip_special_tokens=True)  # once, for both checks
+        return (stop is not None and stop in text) or (decided is not None and decided(i, text))
 
     queue = []
     for i in range(len(prompts)):

@@ -256,16 +256,16 @@ def _scored_passes(model: Any, pairs: Sequence[tuple[list[int], list[int]]], bat
         # the head once per distinct predicting position (choices that share a prefix share it)
         where, inverse = torch.unique(packed.rows * packed.ids.shape[1] + packed.cols, return_inverse=True)
         where, inverse, targets = where.to(device), inverse.to(device), packed.targets.to(device)
-        tok_lp = torch.empty(len(targets), dtype=torch.float32, device=device)
+        tok_lp = torch.empty(len(targets), dtype=torch.float32, device=device) if log_probs else None
         best = torch.empty(len(targets), dtype=torch.long, device=device)
         for s in range(0, len(where), chunk):
             logits = logits_of(where[s : s + chunk] // packed.ids.shape[1], where[s : s + chunk] % packed.ids.shape[1])
             sel = ((inverse >= s) & (inverse < s + chunk)).nonzero(as_tuple=True)[0]
             at = inverse[sel] - s
-            if log_probs:
+            if tok_lp is not None:
                 tok_lp[sel] = torch.log_softmax(logits, dim=-1)[at, targets[sel]]
             best[sel] = logits.argmax(-1)[at]
-        yield packed.owner.numpy(), best.cpu().numpy(), (best == targets).cpu().numpy(), (tok_lp.double().cpu().numpy() if log_probs else None)
+        yield packed.owner.numpy(), best.cpu().numpy(), (best == targets).cpu().numpy(), (tok_lp.double().cpu().numpy() if tok_lp is not None else None)
 
 
 @torch.inference_mode()

@@ -262,7 +262,7 @@ class DatasetEvaluator(Evaluator):
             tokenizer=tokenizer,
             expected=[len(enc["forced"][i][1]) for i in idx],  # the target's tokens: long answers start first
             started=started,
-            decided=self._cannot_match(tokenizer, idx) if checked else None,
+            decided=self._cannot_match(idx) if checked else None,
         )
         texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
         scores: dict[str, list[float]] = {m: [] for m in self._base}
@@ -281,14 +281,13 @@ class DatasetEvaluator(Evaluator):
                 scores["regex_match"].append(float(got == target))
         return {m: float(np.mean(v)) for m, v in scores.items()}
 
-    def _cannot_match(self, tokenizer: Any, idx: list[int]) -> Any:
+    def _cannot_match(self, idx: list[int]) -> Any:
         """``decided`` for exact match: row ``r``'s answer can no longer equal its target
         once its text is not a start of target + stop. Text that ends inside a character
         (a byte-level token's half) is never taken as settled."""
         ends = [self.targets[i] + (self.config.stop or "") for i in idx]
 
-        def decided(r: int, tokens: list[int]) -> bool:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+        def decided(r: int, text: str) -> bool:
             return not ends[r].startswith(text) and "\ufffd" not in text
 
         return decided
